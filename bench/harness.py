@@ -1,0 +1,66 @@
+"""The frame every op benchmark uses: one pytest-benchmark test per (op, shape, dtype, provider).
+
+Providers, measured side by side in one process:
+- ``reference``: the eager PyTorch spec (`fasttrack.reference`);
+- ``compile``: ``torch.compile`` of the same reference function;
+- ``native``: fasttrack's kernel for the device (C++ on CPU), through the public API;
+- ``triton``: the Triton kernel on CUDA, timed with ``triton.testing.do_bench`` (skipped on CPU:
+  the interpreter's timing means nothing).
+Groups are ``op/shape/dtype`` so `python -m bench` can put providers side by side. Each test records
+the bytes the op must move and its FLOPs, for the roofline column, and checks the provider's output
+against the reference on the benchmarked inputs.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+PROVIDERS = ("reference", "compile", "native", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _first_tensors(out):
+    return out if isinstance(out, (tuple, list)) else (out,)
+
+
+def check_outputs(actual, expected, atol, rtol):
+    """Compare every output; integer outputs (indices) must be equal."""
+    for a, e in zip(_first_tensors(actual), _first_tensors(expected)):
+        if e.is_floating_point():
+            torch.testing.assert_close(a.float(), e.float(), atol=atol, rtol=rtol)
+        else:
+            assert torch.equal(a, e), "index outputs differ from the reference"
+
+
+def bench_op(benchmark, provider, *, ref, native, args, group, nbytes=0, flops=0, atol=1e-4, rtol=1e-4,
+             compare=check_outputs):
+    """Benchmark one provider on `args`.
+
+    ref: the reference callable; native: the fasttrack callable (same arguments); nbytes/flops: what
+    the op must read+write / compute (for the roofline); compare(actual, expected, atol, rtol) checks
+    parity on the benchmarked inputs.
+    """
+    benchmark.group = group
+    benchmark.extra_info.update(provider=provider, nbytes=int(nbytes), flops=int(flops))
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    if provider == "triton":
+        if device.type != "cuda":
+            pytest.skip("triton provider needs a CUDA device (interpreter timings are meaningless)")
+        import triton.testing
+        from fasttrack.backend import use_backend
+        with use_backend("triton"):
+            ms = triton.testing.do_bench(lambda: native(*args))
+        benchmark.extra_info["do_bench_ms"] = ms
+        fn = native
+    else:
+        fn = {"reference": ref, "compile": _compiled(ref), "native": native}[provider]
+    with torch.no_grad():
+        expected = ref(*args)
+        compare(fn(*args), expected, atol, rtol)
+        benchmark(fn, *args)

@@ -1,0 +1,45 @@
+"""Argument checks shared by every op wrapper and fake kernel: one message style, naming the
+argument and what was expected. They look only at metadata (shape, dtype, device), so they also
+run on fake tensors under torch.compile; value checks (index ranges, NaN) live in the kernels."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"fasttrack.{op}: {msg}")
+
+
+def tensor(t, op: str, name: str, *, ndim: int | None = None, dtypes=None, device=None,
+           shape: tuple | None = None) -> None:
+    """`shape` entries may be None (any size)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fasttrack.{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"fasttrack.{op}: `{name}` must have {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"fasttrack.{op}: `{name}` must have dtype in ({names}), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"fasttrack.{op}: `{name}` must be on {device} (like the other inputs), got {t.device}")
+    if shape is not None:
+        ok = len(shape) == t.dim() and all(s is None or s == d for s, d in zip(shape, t.shape))
+        if not ok:
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"fasttrack.{op}: `{name}` must have shape {want}, got {list(t.shape)}")
+
+
+def index(t, op: str, name: str, *, ndim: int, device, shape: tuple | None = None) -> None:
+    tensor(t, op, name, ndim=ndim, dtypes=(torch.int64,), device=device, shape=shape)
+
+
+def ratio(r: float, op: str, name: str = "keep_ratio") -> None:
+    if not (isinstance(r, (float, int)) and 0.0 < float(r) <= 1.0):
+        raise ValueError(f"fasttrack.{op}: `{name}` must be in (0, 1], got {r!r}")
+
+
+def floating(t, op: str, name: str, **kw) -> None:
+    tensor(t, op, name, dtypes=FLOAT_DTYPES, **kw)

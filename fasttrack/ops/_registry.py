@@ -1,0 +1,152 @@
+"""The op registry: one `OpDef` per `fasttrack::` op, and the backend dispatch of every call.
+
+For each op this module wires, in one place:
+- the schema: defined in C++ by `fasttrack._C` (`csrc/cpu/<op>.cpp`), or — when `_C` is absent —
+  from Python with the same string, the reference as its CPU kernel;
+- the fake (meta) kernel and the autograd formula (Python, `torch.library`);
+- the CUDA kernel: a Triton launcher from `fasttrack.kernels` (registered here), or CUDA C++ from
+  `_C` (gather/scatter);
+- `dispatch(name, *args)`, which every public wrapper calls: it picks the kernel family from
+  `fasttrack.backend` (reference / Triton-under-interpreter on CPU / the dispatcher).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable
+
+import torch
+
+from fasttrack import _extension, reference
+from fasttrack.backend import current_backend
+
+NAMESPACE = "fasttrack"
+
+
+@dataclasses.dataclass
+class CheckCase:
+    """One parity case for `python -m fasttrack.check` and the tests: schema arguments, and the
+    positions of the arguments that receive a gradient in the backward check."""
+    name: str
+    args: tuple
+    grad: tuple = ()
+
+
+@dataclasses.dataclass
+class OpDef:
+    name: str
+    schema: str                       # "(Tensor x, ...) -> Tensor", identical to the C++ m.def
+    fake: Callable
+    setup_context: Callable | None = None
+    backward: Callable | None = None
+    triton: str | None = None         # "module:function" in fasttrack.kernels: the CUDA kernel
+    cuda_cpp: bool = False            # CUDA kernel comes from _C instead of Triton
+    cases: Callable | None = None     # cases(device, dtype) -> list[CheckCase] at tracker shapes
+
+    @property
+    def qualname(self) -> str:
+        return f"{NAMESPACE}::{self.name}"
+
+    @property
+    def reference(self) -> Callable:
+        return getattr(reference, self.name)
+
+    @property
+    def packet(self):
+        return getattr(torch.ops.fasttrack, self.name)
+
+    def triton_launcher(self) -> Callable:
+        if self.triton is None:
+            raise RuntimeError(f"fasttrack.{self.name} has no Triton kernel")
+        mod, fn = self.triton.split(":")
+        return getattr(importlib.import_module(f"fasttrack.kernels.{mod}"), fn)
+
+
+REGISTRY: dict[str, OpDef] = {}
+_fallback_lib: torch.library.Library | None = None
+_keepalive: list = []
+
+
+def register(op: OpDef) -> OpDef:
+    global _fallback_lib
+    if _extension.loaded:
+        if not hasattr(torch.ops.fasttrack, op.name):
+            raise RuntimeError(f"fasttrack._C is loaded but does not define fasttrack::{op.name}; rebuild it")
+    else:
+        if _fallback_lib is None:
+            _fallback_lib = torch.library.Library(NAMESPACE, "DEF")
+        _fallback_lib.define(op.name + op.schema)
+        _fallback_lib.impl(op.name, op.reference, "CPU")
+    torch.library.register_fake(op.qualname)(op.fake)
+    if op.backward is not None:
+        torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup_context)
+    if op.triton is not None and not op.cuda_cpp:
+        lib = torch.library.Library(NAMESPACE, "IMPL")
+        lib.impl(op.name, _lazy_triton(op), "CUDA")
+        _keepalive.append(lib)
+    REGISTRY[op.name] = op
+    return op
+
+
+def _lazy_triton(op: OpDef) -> Callable:
+    def cuda_kernel(*args):
+        return op.triton_launcher()(*args)
+    cuda_kernel.__name__ = f"{op.name}_triton"
+    return cuda_kernel
+
+
+def _device_of(args) -> torch.device:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    raise ValueError("no tensor argument")
+
+
+def dispatch(name: str, *args):
+    """Run op `name` on the current backend (see `fasttrack.backend`)."""
+    op = REGISTRY[name]
+    backend = current_backend()
+    if backend == "reference":
+        return op.reference(*args)
+    if backend == "triton" and op.triton is not None and _device_of(args).type == "cpu":
+        return _TritonOnCPU.apply(op, *args)
+    # auto / native, and ops whose GPU kernel is CUDA C++ (documented: `triton` leaves them native)
+    return op.packet(*args)
+
+
+def serving_kernel(name: str, device: str) -> str:
+    """Which kernel serves `name` on `device` under the current backend (for `fasttrack.info`)."""
+    op = REGISTRY[name]
+    backend = current_backend()
+    if backend == "reference":
+        return "reference (PyTorch)"
+    if device == "cpu":
+        if backend == "triton" and op.triton is not None:
+            return "triton (interpreter)"
+        return "native C++" if _extension.loaded else "reference (PyTorch; _C not loaded)"
+    if op.cuda_cpp:
+        return "CUDA C++" if _extension.cuda_built() else "none (_C built without CUDA)"
+    return "triton" if op.triton is not None else "none"
+
+
+class _TritonOnCPU(torch.autograd.Function):
+    """Eager autograd around a Triton launcher run by the interpreter on CPU tensors, reusing the
+    op's registered setup_context/backward (the same formula the dispatcher path uses)."""
+
+    @staticmethod
+    def forward(ctx, op, *args):
+        out = op.triton_launcher()(*args)
+        outs = out if isinstance(out, tuple) else (out,)
+        ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
+        if op.setup_context is not None:
+            op.setup_context(ctx, args, out)
+        ctx.op = op
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if ctx.op.backward is None:
+            raise RuntimeError(f"fasttrack.{ctx.op.name} is not differentiable")
+        g = ctx.op.backward(ctx, *grads) if len(grads) > 1 else ctx.op.backward(ctx, grads[0])
+        g = g if isinstance(g, tuple) else (g,)
+        return (None, *g)

@@ -1,0 +1,87 @@
+"""`pruned_linear`: a linear layer over a kept subset of input dimensions, optionally fused with
+the LayerNorm in front of it (ABTrack's pruned ViT). Semantics: `fasttrack.reference.pruned_linear`."""
+from __future__ import annotations
+
+import torch
+
+from fasttrack import _validate as v
+from fasttrack.ops._registry import OpDef, dispatch, register
+
+SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor in_index, Tensor? ln_weight=None, "
+          "Tensor? ln_bias=None, float eps=1e-05, bool normalize=False) -> Tensor")
+
+
+def check_args(x, weight, bias, in_index, ln_weight=None, ln_bias=None, eps=1e-5, normalize=False):
+    op = "pruned_linear"
+    v.floating(x, op, "x")
+    v.check(x.dim() >= 1, op, "`x` must have at least one dim [..., d_in]")
+    d_in = x.shape[-1]
+    v.floating(weight, op, "weight", ndim=2, device=x.device)
+    d_out, d_kept = weight.shape
+    v.index(in_index, op, "in_index", ndim=1, device=x.device)
+    v.check(in_index.shape[0] == d_kept, op,
+            f"`weight.shape[1]` ({d_kept}) must equal len(in_index) ({in_index.shape[0]})")
+    v.check(d_kept <= d_in, op, f"`in_index` keeps {d_kept} dims but `x` has only d_in={d_in}")
+    if bias is not None:
+        v.floating(bias, op, "bias", device=x.device, shape=(d_out,))
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t is not None:
+            v.check(normalize, op, f"`{name}` is given but normalize=False")
+            v.floating(t, op, name, device=x.device, shape=(d_in,))
+
+
+def _fake(x, weight, bias, in_index, ln_weight=None, ln_bias=None, eps=1e-5, normalize=False):
+    check_args(x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize = inputs
+    ctx.save_for_backward(x, weight, in_index, ln_weight, ln_bias)
+    ctx.eps, ctx.normalize, ctx.has_bias = eps, normalize, bias is not None
+
+
+def _backward(ctx, grad):
+    """Recomputes the (normalised) kept input; the x-gradient is zero on pruned dims and goes
+    through the LayerNorm when it is fused."""
+    x, weight, in_index, ln_weight, ln_bias = ctx.saved_tensors
+    d_in = x.shape[-1]
+    x2 = x.reshape(-1, d_in).float()
+    g2 = grad.reshape(-1, grad.shape[-1]).float()
+    if ctx.normalize:
+        h, mean, rstd = torch.native_layer_norm(x2, [d_in], None, None, ctx.eps)
+        hk = h.index_select(-1, in_index)
+        if ln_weight is not None:
+            hk = hk * ln_weight.float().index_select(0, in_index)
+        if ln_bias is not None:
+            hk = hk + ln_bias.float().index_select(0, in_index)
+    else:
+        hk = x2.index_select(-1, in_index)
+    g_w = (g2.t() @ hk).to(weight.dtype)
+    g_b = g2.sum(0).to(weight.dtype) if ctx.has_bias else None
+    g_hk = g2 @ weight.float()
+    g_h = torch.zeros_like(x2).index_copy_(1, in_index, g_hk)
+    g_lnw = g_lnb = None
+    if ctx.normalize:
+        w = ln_weight.float() if ln_weight is not None else None
+        b = ln_bias.float() if ln_bias is not None else None
+        g_x, g_lnw, g_lnb = torch.ops.aten.native_layer_norm_backward(
+            g_h, x2, [d_in], mean, rstd, w, b, [True, w is not None, b is not None])
+        g_lnw = None if ln_weight is None else g_lnw.to(ln_weight.dtype)
+        g_lnb = None if ln_bias is None else g_lnb.to(ln_bias.dtype)
+    else:
+        g_x = g_h
+    return g_x.reshape(x.shape).to(x.dtype), g_w, g_b, None, g_lnw, g_lnb, None, None
+
+
+PRUNED_LINEAR = register(OpDef("pruned_linear", SCHEMA, _fake, _setup_context, _backward,
+                               triton="pruned_linear:pruned_linear"))
+
+
+def pruned_linear(x, weight, bias, in_index, norm=None):
+    """``LN?(x).index_select(-1, in_index) @ weight.T + bias``. ``weight [d_out, d_kept]`` is stored
+    pruned; ``norm=(ln_weight, ln_bias, eps)`` fuses the LayerNorm in front (statistics over all
+    ``d_in``). Differentiable w.r.t. x, weight, bias and the LayerNorm affine parameters."""
+    ln_w, ln_b, eps = norm if norm is not None else (None, None, 1e-5)
+    check_args(x, weight, bias, in_index, ln_w, ln_b, eps, norm is not None)
+    return dispatch("pruned_linear", x, weight, bias, in_index, ln_w, ln_b, float(eps), norm is not None)

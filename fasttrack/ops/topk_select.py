@@ -1,0 +1,142 @@
+"""`topk_select` / `topk_select_qk`: attention-score top-k token selection (OSTrack candidate
+elimination, UTPTrack CE/DTE/STE). Semantics: `fasttrack.reference.topk_select`."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fasttrack import _validate as v
+from fasttrack.ops._registry import OpDef, dispatch, register
+from fasttrack.reference import keep_count
+
+_OUT = "(Tensor tokens, Tensor keep_index, Tensor removed_index, Tensor keep_global, Tensor removed_global)"
+SCHEMA = ("(Tensor attn, Tensor x, Tensor query_index, Tensor? query_weight, Tensor? bonus, "
+          "Tensor? global_index, int start, int length, float keep_ratio) -> " + _OUT)
+SCHEMA_QK = ("(Tensor q, Tensor k, Tensor x, Tensor query_index, Tensor? query_weight, Tensor? bonus, "
+             "Tensor? global_index, int start, int length, float keep_ratio, float scale) -> " + _OUT)
+
+
+class Selection(NamedTuple):
+    tokens: torch.Tensor          # [B, N - L + k, C]
+    keep_index: torch.Tensor      # [B, k] candidate positions (0..L-1), descending score
+    removed_index: torch.Tensor   # [B, L - k]
+    keep_global: torch.Tensor     # keep_index mapped through global_index
+    removed_global: torch.Tensor
+
+
+def _check_common(op, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, n_rows):
+    v.floating(x, op, "x", ndim=3)
+    B, N, _ = x.shape
+    dev = x.device
+    v.check(n_rows == N, op, f"`x` has {N} tokens but the attention is over {n_rows}")
+    v.index(query_index, op, "query_index", ndim=2, device=dev, shape=(B, None))
+    R = query_index.shape[1]
+    v.check(R >= 1, op, "`query_index` must hold at least one row")
+    if query_weight is not None:
+        v.floating(query_weight, op, "query_weight", device=dev, shape=(B, R))
+    v.check(isinstance(start, int) and isinstance(length, int) and start >= 0 and length >= 1,
+            op, f"`start` must be >= 0 and `length` >= 1, got start={start}, length={length}")
+    v.check(start + length <= N, op, f"`start + length` must be <= N={N}, got {start} + {length}")
+    if bonus is not None:
+        v.floating(bonus, op, "bonus", device=dev, shape=(B, length))
+    if global_index is not None:
+        v.index(global_index, op, "global_index", ndim=2, device=dev, shape=(B, length))
+    v.ratio(keep_ratio, op)
+
+
+def check_args(attn, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio):
+    v.floating(attn, "topk_select", "attn", ndim=4)
+    B, H, N, N2 = attn.shape
+    v.check(N == N2, "topk_select", f"`attn` must be [B, H, N, N], got {list(attn.shape)}")
+    v.tensor(x, "topk_select", "x", device=attn.device)
+    v.check(x.dim() == 3 and x.shape[0] == B, "topk_select", f"`x` must be [B={B}, N, C], got {list(x.shape)}")
+    _check_common("topk_select", x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, N)
+
+
+def check_args_qk(q, k, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, scale):
+    op = "topk_select_qk"
+    v.floating(q, op, "q", ndim=4)
+    v.floating(k, op, "k", device=q.device, shape=tuple(q.shape))
+    v.tensor(x, op, "x", device=q.device)
+    v.check(x.dim() == 3 and x.shape[0] == q.shape[0], op, f"`x` must be [B={q.shape[0]}, N, C], got {list(x.shape)}")
+    _check_common(op, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, q.shape[2])
+
+
+def _fake_outputs(x, length, keep_ratio):
+    B, N, C = x.shape
+    k = keep_count(keep_ratio, length)
+    idx = dict(dtype=torch.int64, device=x.device)
+    return (x.new_empty(B, N - length + k, C), torch.empty(B, k, **idx), torch.empty(B, length - k, **idx),
+            torch.empty(B, k, **idx), torch.empty(B, length - k, **idx))
+
+
+def _fake(attn, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio):
+    check_args(attn, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio)
+    return _fake_outputs(x, length, keep_ratio)
+
+
+def _fake_qk(q, k, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, scale):
+    check_args_qk(q, k, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, scale)
+    return _fake_outputs(x, length, keep_ratio)
+
+
+def _save(ctx, start, length, keep):
+    ctx.save_for_backward(keep)
+    ctx.start, ctx.length = start, length
+
+
+def _setup_context(ctx, inputs, output):  # inputs: attn, x, query_index, ..., start, length, keep_ratio
+    _save(ctx, inputs[6], inputs[7], output[1])
+
+
+def _setup_context_qk(ctx, inputs, output):  # inputs: q, k, x, query_index, ..., start, length, ...
+    _save(ctx, inputs[7], inputs[8], output[1])
+
+
+def _grad_x(ctx, grad_tokens):
+    """Kept candidates' gradients go back to their positions; removed candidates get zeros."""
+    from fasttrack.ops.pad_scatter import pad_scatter
+
+    (keep,) = ctx.saved_tensors
+    s, L, k = ctx.start, ctx.length, keep.shape[1]
+    cand = pad_scatter(grad_tokens[:, s:s + k].contiguous(), keep, L, check_index=False)
+    return torch.cat([grad_tokens[:, :s], cand, grad_tokens[:, s + k:]], dim=1)
+
+
+def _backward(ctx, grad_tokens, *_):
+    return None, _grad_x(ctx, grad_tokens), None, None, None, None, None, None, None
+
+
+def _backward_qk(ctx, grad_tokens, *_):
+    return None, None, _grad_x(ctx, grad_tokens), None, None, None, None, None, None, None, None
+
+
+TOPK_SELECT = register(OpDef("topk_select", SCHEMA, _fake, _setup_context, _backward,
+                             triton="topk_select:topk_select"))
+TOPK_SELECT_QK = register(OpDef("topk_select_qk", SCHEMA_QK, _fake_qk, _setup_context_qk, _backward_qk,
+                                triton="topk_select:topk_select_qk"))
+
+
+def topk_select(attn, x, query_index, keep_ratio, *, start, length=None, query_weight=None, bonus=None,
+                global_index=None) -> Selection:
+    """Keep the top ``ceil(keep_ratio·L)`` of the candidate tokens ``x[:, start:start+L]`` by the
+    attention they receive from the ``query_index`` rows of ``attn`` (see
+    `fasttrack.reference.topk_select` for the exact semantics). ``length`` defaults to ``N - start``.
+    Differentiable w.r.t. ``x``."""
+    length = x.shape[1] - start if length is None else length
+    check_args(attn, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio)
+    return Selection(*dispatch("topk_select", attn, x, query_index, query_weight, bonus, global_index,
+                               start, length, float(keep_ratio)))
+
+
+def topk_select_qk(q, k, x, query_index, keep_ratio, *, start, length=None, scale=None, query_weight=None,
+                   bonus=None, global_index=None) -> Selection:
+    """`topk_select` with the attention rows computed from ``q, k [B, H, N, D]`` inside the kernel
+    (``softmax(q[r]·kᵀ·scale)`` over all keys, fp32 logits) — for blocks that run their attention with
+    `scaled_dot_product_attention` and never build ``[B, H, N, N]``. ``scale`` defaults to D^-0.5."""
+    length = x.shape[1] - start if length is None else length
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    check_args_qk(q, k, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, scale)
+    return Selection(*dispatch("topk_select_qk", q, k, x, query_index, query_weight, bonus, global_index,
+                               start, length, float(keep_ratio), float(scale)))
