@@ -2,8 +2,8 @@
 
 Each function here has the exact argument list of its `torch.ops.fasttrack` schema, so it is at
 once the spec that every kernel is tested against, the CPU kernel when `fasttrack._C` is absent,
-and the ``reference`` backend. Scores and reductions are computed in float32 whatever the input
-dtype (the kernels accumulate in fp32 too); outputs have the input's dtype.
+and the ``reference`` backend. Scores and reductions are computed in float32 for fp16/bf16/fp32 inputs (float64 for
+float64, so gradcheck is exact; the kernels accumulate in fp32 too); outputs have the input's dtype.
 
 Conventions shared by all ops
 - Token tensors are ``[B, N, C]``; index tensors are int64 ``[B, k]`` unless stated.
@@ -32,6 +32,11 @@ def merge_count(keep_ratio: float, n: int) -> int:
     return max(1, math.floor(keep_ratio * n))
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """The accumulation dtype: float32 for fp16/bf16/fp32 inputs, float64 for float64 (gradcheck)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _sort_desc(score: torch.Tensor) -> torch.Tensor:
     return torch.sort(score, dim=-1, descending=True, stable=True).indices
 
@@ -49,10 +54,10 @@ def _select_from_rows(rows, x, query_weight, bonus, global_index, start, length,
     B, L = x.shape[0], length
     cand = rows[..., start:start + L]                                   # [B, H, R, L]
     if query_weight is not None:
-        cand = cand * query_weight.float()[:, None, :, None]
+        cand = cand * _acc(query_weight)[:, None, :, None]
     score = cand.mean(dim=2).mean(dim=1)                                # [B, L]
     if bonus is not None:
-        score = score + bonus.float()
+        score = score + _acc(bonus)
     k = keep_count(keep_ratio, L)
     if k == L:  # the official code returns its input untouched when nothing is removed
         keep = torch.arange(L, device=x.device).expand(B, L).contiguous()
@@ -95,7 +100,7 @@ def topk_select(attn, x, query_index, query_weight, bonus, global_index, start, 
     """
     B, H, N, _ = attn.shape
     R = query_index.shape[1]
-    rows = attn.float().gather(2, query_index[:, None, :, None].expand(B, H, R, N))
+    rows = _acc(attn).gather(2, query_index[:, None, :, None].expand(B, H, R, N))
     return _select_from_rows(rows, x, query_weight, bonus, global_index, start, length, keep_ratio)
 
 
@@ -108,8 +113,8 @@ def topk_select_qk(q, k, x, query_index, query_weight, bonus, global_index, star
     """
     B, H, N, D = q.shape
     R = query_index.shape[1]
-    qr = q.float().gather(2, query_index[:, None, :, None].expand(B, H, R, D))
-    rows = torch.softmax((qr @ k.float().transpose(-1, -2)) * scale, dim=-1)   # [B, H, R, N]
+    qr = _acc(q).gather(2, query_index[:, None, :, None].expand(B, H, R, D))
+    rows = torch.softmax((qr @ _acc(k).transpose(-1, -2)) * scale, dim=-1)   # [B, H, R, N]
     return _select_from_rows(rows, x, query_weight, bonus, global_index, start, length, keep_ratio)
 
 
@@ -196,7 +201,7 @@ def cosine_argmax(src, dst):
     """For each row of ``src [B, S, Cm]``, the most cosine-similar row of ``dst [B, T, Cm]``:
     returns ``(max_similarity [B, S] float32, argmax [B, S] int64)``; ties go to the lower dst
     index; zero vectors have similarity 0 with everything."""
-    sim = _unit(src.float()) @ _unit(dst.float()).transpose(1, 2)
+    sim = _unit(_acc(src)) @ _unit(_acc(dst)).transpose(1, 2)
     best, arg = sim.max(dim=-1)
     # torch.max does not promise the first maximum: take the lowest index attaining it
     first = torch.where(sim == best.unsqueeze(-1), torch.arange(sim.shape[-1], device=sim.device),
@@ -227,16 +232,17 @@ def merge_tokens(z, score, proj, metric, keep_ratio, reduce="sum"):
     """
     B, N, C = z.shape
     if score is None:
-        score = z.float() @ proj.float()
+        score = _acc(z) @ _acc(proj)
     K = merge_count(keep_ratio, N)
-    order = _sort_desc(score.float())
+    order = _sort_desc(_acc(score))
     tgt, src = order[:, :K], order[:, K:]
     m = z if metric is None else metric
     _, assignment = cosine_argmax(_gather_rows(m, src), _gather_rows(m, tgt))
-    out = _gather_rows(z.float(), tgt)
-    out = out.scatter_add(1, assignment.unsqueeze(-1).expand(-1, -1, C), _gather_rows(z.float(), src))
+    out = _gather_rows(_acc(z), tgt)
+    out = out.scatter_add(1, assignment.unsqueeze(-1).expand(-1, -1, C), _gather_rows(_acc(z), src))
     if reduce == "mean":
-        count = torch.ones(B, K, device=z.device).scatter_add(1, assignment, torch.ones_like(assignment, dtype=torch.float32))
+        count = torch.ones(B, K, dtype=out.dtype, device=z.device).scatter_add(
+            1, assignment, torch.ones_like(assignment, dtype=out.dtype))
         out = out / count.unsqueeze(-1)
     return out.to(z.dtype), tgt, src, assignment
 
@@ -256,7 +262,7 @@ def bipartite_merge(x, r, metric=None, size=None, protected=0):
     B, N, C = x.shape
     m = x if metric is None else metric
     size = torch.ones(B, N, 1, dtype=x.dtype, device=x.device) if size is None else size
-    a, b = _unit(m[:, ::2].float()), _unit(m[:, 1::2].float())
+    a, b = _unit(_acc(m[:, ::2])), _unit(_acc(m[:, 1::2]))
     sim = a @ b.transpose(1, 2)
     na, nb = sim.shape[1], sim.shape[2]
     pa = (protected + 1) // 2   # protected even positions 0, 2, ... < protected
@@ -271,14 +277,14 @@ def bipartite_merge(x, r, metric=None, size=None, protected=0):
     dst_idx = node_idx.gather(1, src_idx)
 
     def merge(t):
-        ta, tb = t[:, ::2].float(), t[:, 1::2].float()
+        ta, tb = _acc(t[:, ::2]), _acc(t[:, 1::2])
         unm = _gather_rows(ta, unm_idx)
         s = _gather_rows(ta, src_idx)
         tb = tb.scatter_add(1, dst_idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]), s)
         return torch.cat([unm, tb], dim=1)
 
-    xs = merge(x.float() * size.float())
-    new_size = merge(size.float())
+    xs = merge(_acc(x) * _acc(size))
+    new_size = merge(_acc(size))
     return (xs / new_size).to(x.dtype), new_size.to(size.dtype)
 
 
@@ -291,14 +297,14 @@ def pruned_linear(x, weight, bias, in_index, ln_weight=None, ln_bias=None, eps=1
     ``x [..., d_in]``; ``weight [d_out, d_kept]`` (already pruned); ``bias [d_out]`` or None;
     ``in_index [d_kept]`` int64, distinct, in ``[0, d_in)``. With ``normalize`` the LayerNorm
     statistics are over all ``d_in`` features (affine ``ln_weight``/``ln_bias [d_in]``, optional)
-    and only the kept features feed the product. Computed in float32, returned in x's dtype.
+    and only the kept features feed the product. Computed in float32 (float64 for float64 inputs), returned in x's dtype.
     """
-    h = x.float()
+    h = _acc(x)
     if normalize:
-        h = F.layer_norm(h, (x.shape[-1],), None if ln_weight is None else ln_weight.float(),
-                         None if ln_bias is None else ln_bias.float(), eps)
+        h = F.layer_norm(h, (x.shape[-1],), None if ln_weight is None else _acc(ln_weight),
+                         None if ln_bias is None else _acc(ln_bias), eps)
     h = h.index_select(-1, in_index)
-    out = F.linear(h, weight.float(), None if bias is None else bias.float())
+    out = F.linear(h, _acc(weight), None if bias is None else _acc(bias))
     return out.to(x.dtype)
 
 

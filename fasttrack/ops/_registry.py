@@ -123,7 +123,10 @@ def serving_kernel(name: str, device: str) -> str:
     if device == "cpu":
         if backend == "triton" and op.triton is not None:
             return "triton (interpreter)"
-        return "native C++" if _extension.loaded else "reference (PyTorch; _C not loaded)"
+        if not _extension.loaded:
+            return "reference (PyTorch; _C not loaded)"
+        has_cpu = torch._C._dispatch_has_kernel_for_dispatch_key(op.qualname, "CPU")
+        return "native C++" if has_cpu else "none (_C has no CPU kernel)"
     if op.cuda_cpp:
         return "CUDA C++" if _extension.cuda_built() else "none (_C built without CUDA)"
     return "triton" if op.triton is not None else "none"
