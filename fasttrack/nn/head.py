@@ -1,0 +1,187 @@
+"""OSTrack's CENTER box head (``lib/models/layers/head.py::CenterPredictor``), reference and fused.
+
+`CenterPredictor` restates the official module: three branches (centre score, offset, size) of
+four conv(3x3)-BatchNorm-ReLU stages and a 1x1 conv; keys ``conv{1..4}_{ctr,offset,size}.{0,1}.*``
+(0 = Conv2d, 1 = BatchNorm2d) and ``conv5_{ctr,offset,size}.*``. forward(x [B, C, H, W],
+gt_score_map=None) -> (score_map_ctr, bbox [B, 4] (cx, cy, w, h, normalised), size_map,
+offset_map).
+
+`FusedCenterPredictor` shares those parameters and, for inference, runs the three branches as one
+network: BatchNorm folded into the convs, the three first-stage convs concatenated into one conv,
+the later stages as grouped convs (groups=3), the three 1x1 outputs as one grouped 1x1 conv (the
+1-channel centre output padded to 2 with a zero filter). The folded weights are a cache rebuilt
+when any parameter or BN buffer changes (version counter or storage).
+
+Dispatch rule (`FusedCenterPredictor.uses_folded` states it): the folded path runs in eval mode
+when no gradient is needed (grad mode off, or neither x nor any head parameter requires grad);
+otherwise the reference branches run (training-mode BatchNorm needs batch statistics, and the
+folded weights are not differentiable).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CenterPredictor", "FusedCenterPredictor", "conv_bn_relu"]
+
+_BRANCHES = ("ctr", "offset", "size")
+
+
+def conv_bn_relu(in_planes, out_planes, kernel_size=3, stride=1, padding=1, dilation=1):
+    """OSTrack ``conv()``: Conv2d(bias=True) -> BatchNorm2d -> ReLU as an nn.Sequential."""
+    return nn.Sequential(
+        nn.Conv2d(in_planes, out_planes, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+                  bias=True),
+        nn.BatchNorm2d(out_planes),
+        nn.ReLU(inplace=True))
+
+
+def _sigmoid(x):
+    return torch.clamp(x.sigmoid_(), min=1e-4, max=1 - 1e-4)
+
+
+class CenterPredictor(nn.Module):
+    """OSTrack CENTER head (reference)."""
+
+    def __init__(self, inplanes=64, channel=256, feat_sz=20, stride=16):
+        super().__init__()
+        self.feat_sz = feat_sz
+        self.stride = stride
+        self.img_sz = feat_sz * stride
+        outs = {"ctr": 1, "offset": 2, "size": 2}
+        for b in _BRANCHES:
+            setattr(self, f"conv1_{b}", conv_bn_relu(inplanes, channel))
+            setattr(self, f"conv2_{b}", conv_bn_relu(channel, channel // 2))
+            setattr(self, f"conv3_{b}", conv_bn_relu(channel // 2, channel // 4))
+            setattr(self, f"conv4_{b}", conv_bn_relu(channel // 4, channel // 8))
+            setattr(self, f"conv5_{b}", nn.Conv2d(channel // 8, outs[b], kernel_size=1))
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def _check(self, x):
+        if x.dim() != 4 or x.shape[-2:] != (self.feat_sz, self.feat_sz):
+            raise ValueError(f"CenterPredictor: `x` must be [B, C, {self.feat_sz}, {self.feat_sz}], "
+                             f"got {list(x.shape)}")
+
+    def get_score_map(self, x):
+        maps = []
+        for b in _BRANCHES:
+            h = x
+            for s in range(1, 6):
+                h = getattr(self, f"conv{s}_{b}")(h)
+            maps.append(h)
+        ctr, offset, size = maps
+        return _sigmoid(ctr), _sigmoid(size), offset
+
+    def cal_bbox(self, score_map_ctr, size_map, offset_map, return_score=False):
+        max_score, idx = torch.max(score_map_ctr.flatten(1), dim=1, keepdim=True)
+        idx_y = torch.div(idx, self.feat_sz, rounding_mode="floor")
+        idx_x = idx % self.feat_sz
+        idx = idx.unsqueeze(1).expand(idx.shape[0], 2, 1)
+        size = size_map.flatten(2).gather(dim=2, index=idx)
+        offset = offset_map.flatten(2).gather(dim=2, index=idx).squeeze(-1)
+        bbox = torch.cat([(idx_x.to(torch.float) + offset[:, :1]) / self.feat_sz,
+                          (idx_y.to(torch.float) + offset[:, 1:]) / self.feat_sz,
+                          size.squeeze(-1)], dim=1)
+        return (bbox, max_score) if return_score else bbox
+
+    def forward(self, x, gt_score_map=None):
+        self._check(x)
+        score_map_ctr, size_map, offset_map = self.get_score_map(x)
+        if gt_score_map is None:
+            bbox = self.cal_bbox(score_map_ctr, size_map, offset_map)
+        else:
+            bbox = self.cal_bbox(gt_score_map.unsqueeze(1), size_map, offset_map)
+        return score_map_ctr, bbox, size_map, offset_map
+
+
+def _fold(seq_or_conv):
+    """(weight, bias) of a Conv2d, or of Conv2d + BatchNorm (eval statistics) folded together."""
+    if isinstance(seq_or_conv, nn.Conv2d):
+        conv, bn = seq_or_conv, None
+    else:
+        conv, bn = seq_or_conv[0], seq_or_conv[1]
+    w = conv.weight.float()
+    b = conv.bias.float() if conv.bias is not None else torch.zeros(w.shape[0], device=w.device)
+    if bn is None:
+        return w, b
+    eps = float(getattr(bn, "eps", 1e-5))
+    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + eps)
+    return w * scale[:, None, None, None], (b - bn.running_mean.float()) * scale + bn.bias.float()
+
+
+class FusedCenterPredictor(CenterPredictor):
+    """`CenterPredictor` with the folded, branch-merged inference path (module docstring)."""
+
+    @classmethod
+    def from_reference(cls, ref_module: nn.Module) -> "FusedCenterPredictor":
+        """Share ``ref_module``'s convs and norms (any module with CenterPredictor's structure:
+        ``conv{1..4}_{b}`` = Sequential(Conv2d, BatchNorm-like, ReLU), ``conv5_{b}`` = Conv2d)."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        for k in ("feat_sz", "stride"):
+            if not hasattr(ref_module, k):
+                raise TypeError(f"{cls.__name__}.from_reference: `ref_module` lacks `{k}`")
+            setattr(m, k, getattr(ref_module, k))
+        m.img_sz = m.feat_sz * m.stride
+        for b in _BRANCHES:
+            for s in range(1, 6):
+                name = f"conv{s}_{b}"
+                sub = getattr(ref_module, name, None)
+                ok = (isinstance(sub, nn.Conv2d) if s == 5 else
+                      isinstance(sub, nn.Sequential) and len(sub) == 3 and isinstance(sub[0], nn.Conv2d)
+                      and all(hasattr(sub[1], a) for a in ("weight", "bias", "running_mean", "running_var"))
+                      and isinstance(sub[2], nn.ReLU))
+                if not ok:
+                    raise TypeError(f"{cls.__name__}.from_reference: `{name}` does not have the "
+                                    "CenterPredictor structure")
+                setattr(m, name, sub)
+        m.train(ref_module.training)
+        return m
+
+    def _state_key(self):
+        ts = list(self.parameters()) + [t for t in self.buffers() if t.is_floating_point()]
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in ts)
+
+    def uses_folded(self, x: torch.Tensor) -> bool:
+        if self.training:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return True
+
+    def _folded_weights(self, dtype):
+        key = (self._state_key(), dtype)
+        cache = self.__dict__.get("_fold_cache")
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        with torch.no_grad():
+            stages = []
+            for s in range(1, 6):
+                wb = [_fold(getattr(self, f"conv{s}_{b}")) for b in _BRANCHES]
+                if s == 5:  # pad the 1-channel centre output to 2 so the three groups are equal
+                    (wc, bc) = wb[0]
+                    wb[0] = (torch.cat([wc, torch.zeros_like(wc)]), torch.cat([bc, torch.zeros_like(bc)]))
+                w = torch.cat([w for w, _ in wb]).to(dtype).contiguous(memory_format=torch.channels_last)
+                b = torch.cat([b for _, b in wb]).to(dtype)
+                stages.append((w, b, 1 if s == 1 else 3, getattr(self, f"conv{s}_ctr")[0].padding if s < 5 else 0))
+        self.__dict__["_fold_cache"] = (key, stages)
+        return stages
+
+    def get_score_map(self, x):
+        if not self.uses_folded(x):
+            return super().get_score_map(x)
+        h = x.contiguous(memory_format=torch.channels_last)
+        stages = self._folded_weights(x.dtype)
+        for i, (w, b, groups, pad) in enumerate(stages):
+            h = F.conv2d(h, w, b, padding=pad, groups=groups)
+            if i < 4:
+                h = F.relu_(h)
+        return _sigmoid(h[:, 0:1].contiguous()), _sigmoid(h[:, 4:6].contiguous()), h[:, 2:4].contiguous()
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state.pop("_fold_cache", None)
+        return state

@@ -1,0 +1,438 @@
+"""OSTrack with candidate elimination (CE): blocks, the ViT backbone, and the full network.
+
+Restates botaoye/OSTrack (``lib/models/layers/attn_blocks.py::CEBlock``,
+``lib/models/ostrack/vit_ce.py::VisionTransformerCE`` after ``finetune_track``,
+``lib/models/ostrack/ostrack.py::OSTrack``) with the same constructor arguments, forward signatures
+and state-dict keys, so an OSTrack checkpoint's ``net`` dict loads with ``strict=True``.
+
+Reference modules (`CEBlock`, `VisionTransformerCE`, `OSTrack`) follow the official math: explicit
+softmax attention, CE scored on the returned attention map through the public `topk_select` op,
+re-padding with the official zeros/cat/scatter recipe. Fused modules (`FusedCEBlock`,
+`FusedVisionTransformerCE`, `FusedOSTrack`) run SDPA attention, score CE with `topk_select_qk`
+(the query rows' attention is recomputed from q and k inside the op, so ``[B, H, N, N]`` is never
+built), use pre-packed oneDNN GEMMs with fused GELU / residual epilogues, re-pad with
+`pad_scatter`, and fold BatchNorm into the head's convs (`FusedCenterPredictor`). In bf16 / fp16
+on CPU the explicit attention core is faster than SDPA (`fasttrack.nn.vit.sdpa_is_faster`); the
+fused blocks then score CE on that map with `topk_select`.
+
+Documented differences from the official code (both reference and fused):
+- the backbones build global token indices as int64 ``arange`` (OSTrack: float ``linspace``), so
+  their removed / kept indices are int64. The blocks accept either: float indices (as OSTrack's
+  own backbone passes them, e.g. after `fasttrack.patch_model`) are selected as int64 and
+  returned in the caller's dtype.
+- ties in the CE score are broken by the lower index (a stable sort); OSTrack's unstable
+  ``torch.sort`` leaves them unspecified.
+- the fused block returns ``attn=None`` unless ``return_attention`` is set on it (constructor
+  argument or attribute), in which case the explicit map is computed and returned and CE scores it
+  with `topk_select`, as the reference does. An attention ``mask`` also takes that explicit path,
+  because `topk_select_qk` scores unmasked rows.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from fasttrack.nn.head import CenterPredictor, FusedCenterPredictor
+from fasttrack.nn.vit import Attention, FusedBlock, Mlp, drop_path_or_identity, share_block_parts
+from fasttrack.ops import pad_scatter, topk_select, topk_select_qk
+from fasttrack.reference import keep_count
+
+__all__ = ["CEBlock", "FusedCEBlock", "PatchEmbed", "VisionTransformerCE", "FusedVisionTransformerCE",
+           "OSTrack", "FusedOSTrack", "ce_query_index", "ctr_point_mask", "build_ostrack", "OSTRACK_CONFIGS"]
+
+
+# --------------------------------------------------------------------------------------------
+# Candidate selection shared by every CE-family block (OSTrack, UTPTrack-O/S)
+# --------------------------------------------------------------------------------------------
+def ctr_point_mask(batch: int, template_feat_size: int, device=None) -> torch.Tensor:
+    """OSTrack ``generate_mask_cond`` with ``CE_TEMPLATE_RANGE='CTR_POINT'``: ``[B, S*S]`` bool,
+    True at the template centre (row 3 of 8, 5 of 12, 3 of 7, 6 of 14)."""
+    centre = {8: 3, 12: 5, 7: 3, 14: 6}
+    if template_feat_size not in centre:
+        raise ValueError(f"ctr_point_mask: `template_feat_size` must be one of {sorted(centre)}, "
+                         f"got {template_feat_size}")
+    m = torch.zeros(batch, template_feat_size, template_feat_size, dtype=torch.bool, device=device)
+    c = centre[template_feat_size]
+    m[:, c, c] = True
+    return m.flatten(1)
+
+
+def ce_query_index(ce_template_mask, batch: int, lens_t: int, offset: int, device) -> torch.Tensor:
+    """The attention rows that score candidates: the True positions of ``ce_template_mask``
+    ``[B, lens_t]`` (the same count in every row, as OSTrack's ``view(bs, hn, -1, L)`` requires), or
+    every template row when it is None; shifted by ``offset`` (the template's first position)."""
+    if ce_template_mask is None:
+        return torch.arange(offset, offset + lens_t, device=device).expand(batch, lens_t).contiguous()
+    if not isinstance(ce_template_mask, torch.Tensor) or ce_template_mask.dtype != torch.bool:
+        raise TypeError("`ce_template_mask` must be a bool tensor [B, lens_t]")
+    if tuple(ce_template_mask.shape) != (batch, lens_t):
+        raise ValueError(f"`ce_template_mask` must have shape [{batch}, {lens_t}], got {list(ce_template_mask.shape)}")
+    counts = ce_template_mask.sum(1)
+    r = int(counts[0])
+    if r == 0 or bool((counts != r).any()):
+        raise ValueError("`ce_template_mask` must select the same, non-zero number of template tokens in every sample")
+    return ce_template_mask.nonzero()[:, 1].view(batch, r) + offset
+
+
+class Scorer:
+    """Where a block's CE scores come from: the attention map (reference; fused when a map was
+    asked for) or q / k (fused, SDPA). One object per block call."""
+
+    __slots__ = ("attn", "q", "k", "scale")
+
+    def __init__(self, attn=None, q=None, k=None, scale=None):
+        self.attn, self.q, self.k, self.scale = attn, q, k, scale
+
+    def select(self, x, query_index, keep_ratio, start, length, global_index, query_weight=None, bonus=None):
+        """`topk_select` / `topk_select_qk` over candidates ``[start, start + length)``; returns
+        ``None`` when nothing would be removed (the official functions return their input then)."""
+        if keep_count(keep_ratio, length) == length:
+            return None
+        kw = dict(start=start, length=length, query_weight=query_weight, bonus=bonus, global_index=global_index)
+        if self.attn is not None:
+            return topk_select(self.attn, x, query_index, keep_ratio, **kw)
+        return topk_select_qk(self.q, self.k, x, query_index, keep_ratio, scale=self.scale, **kw)
+
+
+def _active(own_ratio: float, given) -> float | None:
+    """OSTrack's rule: CE runs when the block's ratio < 1 and the call's ratio (if any) < 1; the
+    call's ratio wins."""
+    if own_ratio < 1 and (given is None or given < 1):
+        return own_ratio if given is None else given
+    return None
+
+
+def _check_index(t, name: str, batch: int):
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != batch:
+        raise ValueError(f"`{name}` must be a [B={batch}, L] tensor, got "
+                         f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.dtype != torch.int64:
+        raise TypeError(f"`{name}` must be int64 (fasttrack uses integer global indices), got {t.dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# CE blocks
+# --------------------------------------------------------------------------------------------
+class CEBlock(nn.Module):
+    """OSTrack ``CEBlock`` (reference): attention, CE of the search tokens, MLP.
+
+    forward(x, global_index_template, global_index_search, mask=None, ce_template_mask=None,
+    keep_ratio_search=None) -> (x, global_index_template, global_index_search, removed_index_search,
+    attn). Token layout ``[template, search]``; ``removed_index_search`` is None when CE does not run.
+    """
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, drop=0.0, attn_drop=0.0, drop_path=0.0,
+                 act_layer=nn.GELU, norm_layer=nn.LayerNorm, keep_ratio_search=1.0):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = drop_path_or_identity(drop_path)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.keep_ratio_search = keep_ratio_search
+
+    def _ce(self, x, scorer, global_index_template, global_index_search, ce_template_mask, keep_ratio_search):
+        B = x.shape[0]
+        lens_t = global_index_template.shape[1]
+        ratio = _active(self.keep_ratio_search, keep_ratio_search)
+        if ratio is None:
+            return x, global_index_search, None
+        # OSTrack's own backbone passes float (linspace) indices: select on int64, hand back its dtype
+        idx_dtype = global_index_search.dtype
+        gi_s = global_index_search.long() if idx_dtype.is_floating_point else global_index_search
+        _check_index(gi_s, "global_index_search", B)
+        qi = ce_query_index(ce_template_mask, B, lens_t, 0, x.device)
+        sel = scorer.select(x, qi, ratio, lens_t, x.shape[1] - lens_t, gi_s)
+        if sel is None:
+            return x, global_index_search, None
+        return sel.tokens, sel.keep_global.to(idx_dtype), sel.removed_global.to(idx_dtype)
+
+    def forward(self, x, global_index_template, global_index_search, mask=None, ce_template_mask=None,
+                keep_ratio_search=None):
+        x_attn, attn = self.attn(self.norm1(x), mask, True)
+        x = x + self.drop_path(x_attn)
+        x, global_index_search, removed = self._ce(x, Scorer(attn=attn), global_index_template, global_index_search,
+                                                   ce_template_mask, keep_ratio_search)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, global_index_template, global_index_search, removed, attn
+
+
+class FusedCEBlock(FusedBlock):
+    """`CEBlock` on SDPA + `topk_select_qk` + packed GEMMs. Same constructor (plus
+    ``return_attention``), keys and forward; ``attn`` is None unless ``return_attention`` is True."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, drop=0.0, attn_drop=0.0, drop_path=0.0,
+                 act_layer=nn.GELU, norm_layer=nn.LayerNorm, keep_ratio_search=1.0, return_attention=False):
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path, act_layer, norm_layer)
+        self.keep_ratio_search = keep_ratio_search
+        self.return_attention = return_attention
+
+    @classmethod
+    def from_reference(cls, ref_module, return_attention=False) -> "FusedCEBlock":
+        """Share ``ref_module``'s parameters (any module with CEBlock's structure)."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        share_block_parts(m, ref_module, cls.__name__)
+        m.keep_ratio_search = float(getattr(ref_module, "keep_ratio_search", 1.0))
+        m.return_attention = return_attention
+        return m
+
+    _ce = CEBlock._ce
+
+    def forward(self, x, global_index_template, global_index_search, mask=None, ce_template_mask=None,
+                keep_ratio_search=None):
+        if self.return_attention or mask is not None:
+            y, attn = self.attn(self.norm1(x), mask, True)
+            x = x + self.drop_path(y)
+            scorer = Scorer(attn=attn)
+        else:
+            x, q, k, amap = self.attn_residual(x)
+            # the map exists when the explicit core ran (bf16 on CPU): scoring it is cheaper
+            scorer = Scorer(attn=amap) if amap is not None else Scorer(q=q, k=k, scale=self.attn.scale)
+            attn = None
+        x, global_index_search, removed = self._ce(x, scorer, global_index_template, global_index_search,
+                                                   ce_template_mask, keep_ratio_search)
+        x = self.mlp_residual(x)
+        return x, global_index_template, global_index_search, removed, attn
+
+
+# --------------------------------------------------------------------------------------------
+# Backbone
+# --------------------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """OSTrack ``PatchEmbed``: a stride-``patch_size`` conv (``proj``), flattened to tokens."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.Identity()
+
+    def forward(self, x):
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+def _ce_ratios(depth, ce_loc, ce_keep_ratio):
+    ratios = [1.0] * depth
+    if ce_loc is not None:
+        if ce_keep_ratio is None or len(ce_keep_ratio) != len(ce_loc):
+            raise ValueError("`ce_keep_ratio` must give one ratio per entry of `ce_loc`")
+        for loc, r in zip(ce_loc, ce_keep_ratio):
+            if not 0 <= loc < depth:
+                raise ValueError(f"`ce_loc` entry {loc} is outside the {depth} blocks")
+            ratios[loc] = float(r)
+    return ratios
+
+
+class VisionTransformerCE(nn.Module):
+    """OSTrack's ``VisionTransformerCE`` as it stands after ``finetune_track`` (reference).
+
+    State-dict keys: ``cls_token``, ``pos_embed`` (the pre-training table, ``[1, (224/16)^2 + 1,
+    C]``, kept but unused as in OSTrack), ``patch_embed.proj.{weight,bias}``, ``blocks.{i}.*``,
+    ``norm.*``, ``pos_embed_z`` ``[1, (template_size/16)^2, C]``, ``pos_embed_x``. Only the
+    ``cat_mode='direct'`` layout ``[z, x]`` without cls token or separate segment embeddings — the
+    released OSTrack configurations.
+
+    forward(z, x, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False) ->
+    ``(tokens [B, Lz + Lx, C], {"attn", "removed_indexes_s"})`` with the search tokens re-padded to
+    their original positions (zeros where eliminated).
+    """
+
+    block_cls = CEBlock
+
+    def __init__(self, template_size=128, search_size=256, patch_size=16, in_chans=3, embed_dim=768, depth=12,
+                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
+                 ce_loc=(3, 6, 9), ce_keep_ratio=(0.7, 0.7, 0.7), pretrain_img_size=224, norm_layer=None,
+                 act_layer=None):
+        super().__init__()
+        for name, size in (("template_size", template_size), ("search_size", search_size)):
+            if size % patch_size:
+                raise ValueError(f"`{name}` ({size}) must be a multiple of `patch_size` ({patch_size})")
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        act_layer = act_layer or nn.GELU
+        self.patch_size = patch_size
+        self.embed_dim = self.num_features = embed_dim
+        self.feat_sz_z = template_size // patch_size
+        self.feat_sz_x = search_size // patch_size
+        self.ce_loc = None if ce_loc is None else list(ce_loc)
+        self.patch_embed = PatchEmbed(pretrain_img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linspace, meta-device safe
+        self.blocks = nn.Sequential(*[
+            self.block_cls(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                           attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer, act_layer=act_layer,
+                           keep_ratio_search=r)
+            for i, r in enumerate(_ce_ratios(depth, ce_loc, ce_keep_ratio))])
+        self.norm = norm_layer(embed_dim)
+        self.pos_embed_z = nn.Parameter(torch.zeros(1, self.feat_sz_z ** 2, embed_dim))
+        self.pos_embed_x = nn.Parameter(torch.zeros(1, self.feat_sz_x ** 2, embed_dim))
+        for p in (self.cls_token, self.pos_embed, self.pos_embed_z, self.pos_embed_x):
+            nn.init.trunc_normal_(p, std=0.02)
+        self.apply(_init_vit)
+
+    def _embed(self, z, x):
+        if z.dim() != 4 or x.dim() != 4:
+            raise ValueError(f"`z` and `x` must be images [B, 3, H, W], got {list(z.shape)} and {list(x.shape)}")
+        if z.shape[-1] // self.patch_size != self.feat_sz_z or x.shape[-1] // self.patch_size != self.feat_sz_x:
+            raise ValueError(f"`z` / `x` must be {self.feat_sz_z * self.patch_size} / "
+                             f"{self.feat_sz_x * self.patch_size} px "
+                             f"(the sizes pos_embed_z / pos_embed_x were built for), got {z.shape[-1]} / {x.shape[-1]}")
+        x = self.patch_embed(x) + self.pos_embed_x
+        z = self.patch_embed(z) + self.pos_embed_z
+        return self.pos_drop(torch.cat([z, x], dim=1))
+
+    def _run_blocks(self, tokens, ce_template_mask, ce_keep_rate):
+        B = tokens.shape[0]
+        lens_z, lens_x = self.pos_embed_z.shape[1], self.pos_embed_x.shape[1]
+        gi_t = torch.arange(lens_z, device=tokens.device).expand(B, lens_z).contiguous()
+        gi_s = torch.arange(lens_x, device=tokens.device).expand(B, lens_x).contiguous()
+        removed, attn = [], None
+        for i, blk in enumerate(self.blocks):
+            tokens, gi_t, gi_s, rem, attn = blk(tokens, gi_t, gi_s, None, ce_template_mask, ce_keep_rate)
+            if self.ce_loc is not None and i in self.ce_loc:
+                removed.append(rem)
+        return self.norm(tokens), gi_t, gi_s, removed, attn
+
+    def _repad(self, search, gi_s, removed, lens_x):
+        """The official recipe: append zeros, scatter [kept, removed] indices back in place. The
+        zero pad takes the tokens' dtype (OSTrack creates it in the default dtype, which turns a
+        bf16 / fp16 network's output into fp32 and breaks its head)."""
+        B, _, C = search.shape
+        removed_cat = torch.cat(removed, dim=1)
+        pad = search.new_zeros(B, lens_x - search.shape[1], C)
+        search = torch.cat([search, pad], dim=1)
+        index_all = torch.cat([gi_s, removed_cat], dim=1)
+        return torch.zeros_like(search).scatter_(1, index_all.unsqueeze(-1).expand(B, -1, C), search)
+
+    def forward(self, z, x, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False):
+        # return_last_attn is accepted and ignored, as in OSTrack
+        tokens, gi_t, gi_s, removed, attn = self._run_blocks(self._embed(z, x), ce_template_mask, ce_keep_rate)
+        lens_z, lens_x = gi_t.shape[1], self.pos_embed_x.shape[1]
+        zt, xs = tokens[:, :lens_z], tokens[:, lens_z:]
+        if removed and removed[0] is not None:
+            xs = self._repad(xs, gi_s, [r for r in removed if r is not None], lens_x)
+        return torch.cat([zt, xs], dim=1), {"attn": attn, "removed_indexes_s": removed}
+
+
+class FusedVisionTransformerCE(VisionTransformerCE):
+    """`VisionTransformerCE` with `FusedCEBlock` blocks and `pad_scatter` re-padding. Same keys;
+    `from_reference` shares a reference backbone's parameters."""
+
+    block_cls = FusedCEBlock
+
+    @classmethod
+    def from_reference(cls, ref: VisionTransformerCE) -> "FusedVisionTransformerCE":
+        if not isinstance(ref, VisionTransformerCE):
+            raise TypeError(f"{cls.__name__}.from_reference: `ref` must be a VisionTransformerCE, "
+                            f"got {type(ref).__name__}")
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        for k in ("patch_size", "embed_dim", "num_features", "feat_sz_z", "feat_sz_x", "ce_loc"):
+            setattr(m, k, getattr(ref, k))
+        for k in ("patch_embed", "pos_drop", "norm"):
+            setattr(m, k, getattr(ref, k))
+        for k in ("cls_token", "pos_embed", "pos_embed_z", "pos_embed_x"):
+            setattr(m, k, getattr(ref, k))
+        m.blocks = nn.Sequential(*[FusedCEBlock.from_reference(b) for b in ref.blocks])
+        m.train(ref.training)
+        return m
+
+    def forward_split(self, z, x, ce_template_mask=None, ce_keep_rate=None):
+        """``(template tokens [B, Lz', C], kept search tokens [B, k, C], their global indices
+        [B, k], removed index list, attn)`` after the final norm, before re-padding."""
+        tokens, gi_t, gi_s, removed, attn = self._run_blocks(self._embed(z, x), ce_template_mask, ce_keep_rate)
+        lens_z = gi_t.shape[1]
+        return tokens[:, :lens_z], tokens[:, lens_z:], gi_s, removed, attn
+
+    def forward(self, z, x, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False):
+        zt, xs, gi_s, removed, attn = self.forward_split(z, x, ce_template_mask, ce_keep_rate)
+        lens_x = self.pos_embed_x.shape[1]
+        if xs.shape[1] != lens_x:
+            xs = pad_scatter(xs.contiguous(), gi_s, lens_x)
+        return torch.cat([zt, xs], dim=1), {"attn": attn, "removed_indexes_s": removed}
+
+
+def _init_vit(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Full network
+# --------------------------------------------------------------------------------------------
+class OSTrack(nn.Module):
+    """OSTrack network (reference): ``backbone`` + CENTER ``box_head``.
+
+    forward(template, search, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False) ->
+    dict with ``pred_boxes [B, 1, 4]`` (cx, cy, w, h normalised), ``score_map``, ``size_map``,
+    ``offset_map``, ``attn``, ``removed_indexes_s``, ``backbone_feat`` — as the official forward.
+    """
+
+    def __init__(self, backbone: VisionTransformerCE, box_head: CenterPredictor):
+        super().__init__()
+        self.backbone = backbone
+        self.box_head = box_head
+        self.feat_sz_s = int(box_head.feat_sz)
+        self.feat_len_s = self.feat_sz_s ** 2
+        if backbone.feat_sz_x != self.feat_sz_s:
+            raise ValueError(f"`box_head.feat_sz` ({self.feat_sz_s}) must equal the search feature size "
+                             f"({backbone.feat_sz_x})")
+
+    def forward_head(self, cat_feature, gt_score_map=None):
+        B = cat_feature.shape[0]
+        # the search tokens as a [B, C, H, W] strided view (OSTrack copies them to NCHW first; the
+        # convs give the same values either way)
+        opt = cat_feature[:, -self.feat_len_s:].transpose(1, 2).unflatten(2, (self.feat_sz_s, self.feat_sz_s))
+        score_map, bbox, size_map, offset_map = self.box_head(opt, gt_score_map)
+        return {"pred_boxes": bbox.view(B, 1, 4), "score_map": score_map, "size_map": size_map,
+                "offset_map": offset_map}
+
+    def forward(self, template, search, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False):
+        x, aux = self.backbone(template, search, ce_template_mask=ce_template_mask, ce_keep_rate=ce_keep_rate)
+        out = self.forward_head(x)
+        out.update(aux)
+        out["backbone_feat"] = x
+        return out
+
+
+class FusedOSTrack(OSTrack):
+    """`OSTrack` with the fused backbone and box head (same keys, forward and outputs)."""
+
+    @classmethod
+    def from_reference(cls, ref: OSTrack) -> "FusedOSTrack":
+        return cls(FusedVisionTransformerCE.from_reference(ref.backbone),
+                   FusedCenterPredictor.from_reference(ref.box_head))
+
+
+OSTRACK_CONFIGS = {
+    # name: (template_size, search_size) with ViT-B/16, CE at 3/6/9 keep 0.7
+    "vitb_256_mae_ce": (128, 256),
+    "vitb_384_mae_ce": (192, 384),
+}
+
+
+def build_ostrack(config="vitb_256_mae_ce", fused=False, depth=12, head_channels=256, **backbone_kw):
+    """An OSTrack network for a released configuration (`OSTRACK_CONFIGS`); ``depth`` < 12 builds a
+    reduced test variant (CE locations beyond the depth are dropped)."""
+    if config not in OSTRACK_CONFIGS:
+        raise ValueError(f"build_ostrack: `config` must be one of {sorted(OSTRACK_CONFIGS)}, got {config!r}")
+    t, s = OSTRACK_CONFIGS[config]
+    ce = [(i, 0.7) for i in (3, 6, 9) if i < depth]
+    kw = dict(template_size=t, search_size=s, depth=depth, ce_loc=[i for i, _ in ce],
+              ce_keep_ratio=[r for _, r in ce])
+    kw.update(backbone_kw)
+    ref = OSTrack(VisionTransformerCE(**kw), CenterPredictor(inplanes=kw.get("embed_dim", 768), channel=head_channels,
+                                                              feat_sz=s // 16, stride=16))
+    return FusedOSTrack.from_reference(ref) if fused else ref

@@ -1,0 +1,386 @@
+"""Plain ViT pieces shared by every family: reference modules and their fused twins.
+
+Reference modules (`Mlp`, `Attention`, `Block`, `DropPath`) restate the tracker repositories'
+timm-derived code (OSTrack ``lib/models/layers/attn.py::Attention``, timm ``Mlp`` / ``DropPath``):
+explicit ``softmax(q·kᵀ·scale)`` attention, parameter names ``qkv``, ``proj``, ``fc1``, ``fc2``,
+``norm1``, ``norm2``. They are what parity is measured against.
+
+Fused twins (`FusedAttention`, `FusedMlp`, `FusedBlock`) take the same constructor and produce the
+same state-dict keys, and are built for CPU inference speed:
+- linears are `FastLinear` (oneDNN, pre-packed weights); where the packed path runs, the GELU of
+  the MLP and the residual adds after ``proj`` / ``fc2`` are fused into the GEMM as oneDNN
+  post-ops, so the ``[B, N, 4C]`` hidden activation and the residual sum are written once;
+- attention runs `scaled_dot_product_attention`, never materialising ``[B, H, N, N]``, unless the
+  caller asks for the attention map (``return_attention=True``), in which case the official explicit
+  math runs so the map is exactly the reference's; bf16 / fp16 on CPU run the explicit core too,
+  because it is faster there (`sdpa_is_faster` states the rule).
+``from_reference(module)`` builds a fused module that shares the given module's Parameters (no
+copy). It reads the module by structure (attribute names), so it also accepts the official
+trackers' own classes; `fasttrack.patch_model` relies on that.
+
+Masks follow OSTrack: ``mask [B, N]`` bool, True = the key is masked out.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fasttrack.nn.linear import FastLinear
+
+__all__ = ["DropPath", "Mlp", "Attention", "Block", "FusedMlp", "FusedAttention", "FusedBlock",
+           "linear_gelu", "linear_add", "sdpa_is_faster"]
+
+
+# --------------------------------------------------------------------------------------------
+# GEMM + epilogue helpers (oneDNN post-ops on the packed path, plain PyTorch otherwise)
+# --------------------------------------------------------------------------------------------
+def _is_exact_gelu(act: nn.Module) -> bool:
+    return type(act) is nn.GELU and act.approximate == "none"
+
+
+def linear_gelu(fc: nn.Linear, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """``act(fc(x))``; one oneDNN call with a GELU post-op when ``fc`` takes the packed path."""
+    if isinstance(fc, FastLinear) and _is_exact_gelu(act) and fc.uses_packed(x):
+        return torch.ops.mkldnn._linear_pointwise(x, fc._packed.get(fc.weight), fc.bias, "gelu", [], "none")
+    return act(fc(x))
+
+
+def linear_add(fc: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + fc(x)``; one oneDNN call with a sum post-op when ``fc`` takes the packed path
+    (the caller guarantees nothing — dropout, drop-path, layer scale — sits between them). The
+    post-op is not differentiable, so a residual that needs a gradient takes the plain path."""
+    if (isinstance(fc, FastLinear) and fc.uses_packed(x) and residual.dtype == x.dtype
+            and not (torch.is_grad_enabled() and residual.requires_grad)
+            and residual.shape[:-1] == x.shape[:-1] and residual.is_contiguous() and x.is_contiguous()):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, fc._packed.get(fc.weight), fc.bias, "add")
+    return residual + fc(x)
+
+
+def _identity_like(m: nn.Module | None) -> bool:
+    """True for modules that are the identity in the current mode (Identity, Dropout(p=0) or eval)."""
+    if m is None or isinstance(m, nn.Identity):
+        return True
+    if isinstance(m, nn.Dropout):
+        return m.p == 0 or not m.training
+    if isinstance(m, DropPath):
+        return m.drop_prob == 0 or not m.training
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Reference modules
+# --------------------------------------------------------------------------------------------
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm ``DropPath``): in training, zero a sample's residual
+    branch with probability ``drop_prob`` and scale the kept ones by ``1 / (1 - drop_prob)``."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+def drop_path_or_identity(p: float) -> nn.Module:
+    return DropPath(p) if p > 0.0 else nn.Identity()
+
+
+class Mlp(nn.Module):
+    """timm ``Mlp``: fc1 → act → drop → fc2 → drop."""
+
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0):
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    """OSTrack's ``Attention``: explicit softmax attention; ``mask [B, N]`` bool masks keys."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"Attention: `dim` ({dim}) must be divisible by `num_heads` ({num_heads})")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, mask=None, return_attention=False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        if mask is not None:
+            attn = attn.masked_fill(mask.unsqueeze(1).unsqueeze(2), float("-inf"))
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
+        return (x, attn) if return_attention else x
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block (OSTrack ``vit.py::Block``): x + attn(norm1(x)); x + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, drop=0.0, attn_drop=0.0, drop_path=0.0,
+                 act_layer=nn.GELU, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = drop_path_or_identity(drop_path)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    def forward(self, x, mask=None, return_attention=False):
+        if return_attention:
+            y, attn = self.attn(self.norm1(x), mask, True)
+        else:
+            y, attn = self.attn(self.norm1(x), mask), None
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return (x, attn) if return_attention else x
+
+
+# --------------------------------------------------------------------------------------------
+# Fused twins
+# --------------------------------------------------------------------------------------------
+def _require(module: nn.Module, names: tuple[str, ...], who: str) -> None:
+    missing = [n for n in names if not hasattr(module, n)]
+    if missing:
+        raise TypeError(f"{who}.from_reference: `ref_module` ({type(module).__name__}) lacks {missing}")
+
+
+def _fast(linear: nn.Module, who: str, name: str) -> FastLinear:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{who}.from_reference: `{name}` must be an nn.Linear, got {type(linear).__name__}")
+    return linear if isinstance(linear, FastLinear) else FastLinear.from_linear(linear)
+
+
+class FusedMlp(nn.Module):
+    """`Mlp` with FastLinear layers and the GELU fused into fc1 on the packed path. Same keys."""
+
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0):
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = FastLinear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = FastLinear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+
+    @classmethod
+    def from_reference(cls, ref_module: nn.Module) -> "FusedMlp":
+        """Share ``ref_module``'s fc1 / fc2 / act / dropout (timm's ``drop`` or ``drop1``+``drop2``).
+        A normalisation inside the MLP (timm ``norm`` that is not Identity) is refused."""
+        who = cls.__name__
+        _require(ref_module, ("fc1", "fc2", "act"), who)
+        norm = getattr(ref_module, "norm", None)
+        if norm is not None and not isinstance(norm, nn.Identity):
+            raise TypeError(f"{who}.from_reference: `ref_module.norm` is {type(norm).__name__}; "
+                            "only Identity is supported")
+        drops = [getattr(ref_module, n) for n in ("drop", "drop1", "drop2") if hasattr(ref_module, n)]
+        if any(not isinstance(d, (nn.Dropout, nn.Identity)) for d in drops):
+            raise TypeError(f"{who}.from_reference: `ref_module` dropout layers must be nn.Dropout / nn.Identity")
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.fc1 = _fast(ref_module.fc1, who, "fc1")
+        m.act = ref_module.act
+        m.fc2 = _fast(ref_module.fc2, who, "fc2")
+        p = max((d.p for d in drops if isinstance(d, nn.Dropout)), default=0.0)
+        if len({d.p for d in drops if isinstance(d, nn.Dropout)}) > 1:
+            raise TypeError(f"{who}.from_reference: `ref_module` has dropouts with different p")
+        m.drop = nn.Dropout(p)
+        m.train(ref_module.training)
+        return m
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(linear_gelu(self.fc1, x, self.act))))
+
+    def forward_add(self, x, residual):
+        """``residual + self(x)`` with the add fused into fc2 when nothing sits between them."""
+        h = self.drop(linear_gelu(self.fc1, x, self.act))
+        if _identity_like(self.drop):
+            return linear_add(self.fc2, h, residual)
+        return residual + self.drop(self.fc2(h))
+
+
+def sdpa_is_faster(q: torch.Tensor) -> bool:
+    """The attention-core dispatch rule of the fused modules: `scaled_dot_product_attention` except
+    for bf16 / fp16 on CPU, where PyTorch's CPU flash kernel is ~2x slower than the explicit
+    ``softmax(q·kᵀ)·v`` at tracker sizes (320 tokens, 12 heads of 64: 4.7 vs 2.3 ms on one core;
+    fp32: 4.7 vs 5.8 ms, SDPA wins)."""
+    return q.device.type != "cpu" or q.dtype in (torch.float32, torch.float64)
+
+
+class FusedAttention(nn.Module):
+    """`Attention` with FastLinear qkv / proj. Same constructor, keys and forward.
+
+    ``forward(x, mask, return_attention=True)`` runs the explicit math (the map is needed);
+    otherwise the core follows `sdpa_is_faster`. `forward_qk` also returns q and k
+    (``[B, H, N, D]``) for `topk_select_qk`, and the map when the explicit core ran.
+    """
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"FusedAttention: `dim` ({dim}) must be divisible by `num_heads` ({num_heads})")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = FastLinear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = FastLinear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def from_reference(cls, ref_module: nn.Module) -> "FusedAttention":
+        """Share ``ref_module``'s qkv / proj / dropouts. Needs ``num_heads``, ``scale``, ``qkv``,
+        ``proj``; relative position bias (OSTrack ``rpe=True``) is refused."""
+        who = cls.__name__
+        _require(ref_module, ("num_heads", "scale", "qkv", "proj"), who)
+        if getattr(ref_module, "rpe", False):
+            raise TypeError(f"{who}.from_reference: `ref_module` uses relative position bias (rpe=True)")
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.num_heads = int(ref_module.num_heads)
+        m.scale = float(ref_module.scale)
+        m.qkv = _fast(ref_module.qkv, who, "qkv")
+        m.attn_drop = getattr(ref_module, "attn_drop", nn.Dropout(0.0))
+        m.proj = _fast(ref_module.proj, who, "proj")
+        m.proj_drop = getattr(ref_module, "proj_drop", nn.Dropout(0.0))
+        if m.qkv.out_features != 3 * m.qkv.in_features or m.qkv.in_features % m.num_heads:
+            raise TypeError(f"{who}.from_reference: `ref_module.qkv` is {m.qkv.in_features}->{m.qkv.out_features}, "
+                            f"expected dim->3*dim with dim divisible by num_heads={m.num_heads}")
+        m.train(ref_module.training)
+        return m
+
+    def _qkv(self, x):
+        B, N, C = x.shape
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _sdpa(self, q, k, v, mask):
+        attn_mask = None if mask is None else ~mask[:, None, None, :]
+        p = self.attn_drop.p if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=self.scale)
+        B, H, N, D = o.shape
+        return o.transpose(1, 2).reshape(B, N, H * D)
+
+    def _explicit(self, q, k, v, mask):
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        if mask is not None:
+            attn = attn.masked_fill(mask.unsqueeze(1).unsqueeze(2), float("-inf"))
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        B, H, N, D = v.shape
+        return (attn @ v).transpose(1, 2).reshape(B, N, H * D), attn
+
+    def _core(self, q, k, v, mask):
+        if sdpa_is_faster(q):
+            return self._sdpa(q, k, v, mask), None
+        return self._explicit(q, k, v, mask)
+
+    def forward(self, x, mask=None, return_attention=False):
+        q, k, v = self._qkv(x)
+        if return_attention:
+            o, attn = self._explicit(q, k, v, mask)
+            return self.proj_drop(self.proj(o)), attn
+        return self.proj_drop(self.proj(self._core(q, k, v, mask)[0]))
+
+    def forward_qk(self, x, mask=None, residual=None):
+        """``(out, q, k, attn)``, ``attn`` the map if the explicit core ran (`sdpa_is_faster`), else
+        None; with ``residual``, ``out = residual + attention(x)`` (the add fused into proj when
+        nothing sits between them)."""
+        q, k, v = self._qkv(x)
+        o, attn = self._core(q, k, v, mask)
+        if residual is not None:
+            if _identity_like(self.proj_drop):
+                return linear_add(self.proj, o, residual), q, k, attn
+            return residual + self.proj_drop(self.proj(o)), q, k, attn
+        return self.proj_drop(self.proj(o)), q, k, attn
+
+
+class FusedBlock(nn.Module):
+    """`Block` with `FusedAttention` / `FusedMlp`; residual adds fused into proj / fc2 when
+    drop-path is the identity (eval, or drop_path=0). Same constructor, keys and forward."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, drop=0.0, attn_drop=0.0, drop_path=0.0,
+                 act_layer=nn.GELU, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = FusedAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = drop_path_or_identity(drop_path)
+        self.norm2 = norm_layer(dim)
+        self.mlp = FusedMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    @classmethod
+    def from_reference(cls, ref_module: nn.Module) -> "FusedBlock":
+        """Share ``ref_module``'s norms, attention and MLP parameters (``norm1``, ``attn``,
+        ``norm2``, ``mlp``, optional ``drop_path``)."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        share_block_parts(m, ref_module, cls.__name__)
+        return m
+
+    def attn_residual(self, x, mask=None):
+        """``(x + drop_path(attn(norm1(x))), q, k, attn map or None)`` (`FusedAttention.forward_qk`)."""
+        if _identity_like(self.drop_path):
+            return self.attn.forward_qk(self.norm1(x), mask, residual=x)
+        y, q, k, attn = self.attn.forward_qk(self.norm1(x), mask)
+        return x + self.drop_path(y), q, k, attn
+
+    def mlp_residual(self, x):
+        if _identity_like(self.drop_path):
+            return self.mlp.forward_add(self.norm2(x), x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(self, x, mask=None, return_attention=False):
+        if isinstance(mask, bool):
+            # OSTrack's vit.py Block is forward(x, return_attention): a patched one may be called so
+            return_attention, mask = mask, None
+        if return_attention:
+            y, attn = self.attn(self.norm1(x), mask, True)
+            x = x + self.drop_path(y)
+        else:
+            x = self.attn_residual(x, mask)[0]
+            attn = None
+        x = self.mlp_residual(x)
+        return (x, attn) if return_attention else x
+
+
+def drop_path_of(ref: nn.Module, who: str) -> nn.Module:
+    """``ref.drop_path`` as Identity or our `DropPath` (timm's has the same rule and attribute; ours
+    lets the fused blocks see when it is the identity and fuse the residual add)."""
+    dp = getattr(ref, "drop_path", None)
+    if dp is None or isinstance(dp, (nn.Identity, DropPath)):
+        return nn.Identity() if dp is None else dp
+    if type(dp).__name__ != "DropPath" or not hasattr(dp, "drop_prob"):
+        raise TypeError(f"{who}.from_reference: `drop_path` is {type(dp).__name__}; expected Identity or DropPath")
+    out = DropPath(float(dp.drop_prob or 0.0))
+    out.train(dp.training)
+    return out
+
+
+def share_block_parts(fused: nn.Module, ref: nn.Module, who: str) -> None:
+    """Give ``fused`` the reference block's norm1 / norm2 / drop_path modules and fused twins of
+    its attention and MLP (all sharing the reference Parameters)."""
+    _require(ref, ("norm1", "attn", "norm2", "mlp"), who)
+    for name in ("norm1", "norm2"):
+        if not isinstance(getattr(ref, name), nn.Module):
+            raise TypeError(f"{who}.from_reference: `{name}` must be an nn.Module")
+    fused.norm1 = ref.norm1
+    fused.attn = FusedAttention.from_reference(ref.attn)
+    fused.drop_path = drop_path_of(ref, who)
+    fused.norm2 = ref.norm2
+    fused.mlp = FusedMlp.from_reference(ref.mlp)
+    fused.train(ref.training)

@@ -1,0 +1,156 @@
+"""fasttrack.nn.vit: the shared reference ViT pieces and their fused twins."""
+import pytest
+import torch
+from torch import nn
+
+from fasttrack.nn.linear import FastLinear
+from fasttrack.nn.vit import Attention, Block, FusedAttention, FusedBlock, FusedMlp, Mlp, linear_add, linear_gelu
+from tests.tolerances import assert_close
+
+DIM, HEADS, N = 768, 12, 320
+
+
+def _randomise(m: nn.Module):
+    """Non-trivial norms and biases, so a dropped bias or a swapped norm shows."""
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return m
+
+
+def _block(**kw):
+    return _randomise(Block(DIM, HEADS, qkv_bias=True, **kw)).eval()
+
+
+def test_fused_block_same_keys_and_shapes():
+    for qkv_bias in (False, True):
+        ref = Block(DIM, HEADS, qkv_bias=qkv_bias)
+        fused = FusedBlock(DIM, HEADS, qkv_bias=qkv_bias)
+        assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in fused.state_dict().items()}
+    assert sorted(Block(DIM, HEADS, qkv_bias=True).state_dict()) == sorted([
+        "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+        "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"])
+    assert isinstance(FusedBlock(DIM, HEADS).attn.qkv, FastLinear)
+
+
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_block_matches_reference(B, masked):
+    ref = _block()
+    fused = FusedBlock.from_reference(ref).eval()
+    x = torch.randn(B, N, DIM)
+    mask = None
+    if masked:
+        mask = torch.zeros(B, N, dtype=torch.bool)
+        mask[:, 5:40] = True
+    with torch.no_grad():
+        assert fused.attn.qkv.uses_packed(x)  # the fast path is what is compared
+        assert_close(fused(x, mask), ref(x, mask), scale=4)
+        y_ref, a_ref = ref(x, mask, return_attention=True)
+        y, a = fused(x, mask, return_attention=True)
+    assert_close(y, y_ref, scale=4)
+    assert_close(a, a_ref)
+    if not masked:  # OSTrack's vit.py Block is called as blk(x, return_attention)
+        with torch.no_grad():
+            y2, a2 = fused(x, True)
+        assert_close(a2, a_ref)
+
+
+def test_fused_block_bf16():
+    ref = _block().to(torch.bfloat16)
+    fused = FusedBlock.from_reference(ref).eval()
+    x = torch.randn(2, N, DIM, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, exp = fused(x), ref(x)
+    assert out.dtype == torch.bfloat16
+    # bf16 GEMMs with K = 3072 round differently in oneDNN's blocked kernel and in ATen's
+    assert_close(out.float(), exp.float(), dtype=torch.bfloat16, scale=4)
+
+
+def test_from_reference_shares_parameters_and_repacks_on_update():
+    ref = _block()
+    fused = FusedBlock.from_reference(ref).eval()
+    assert all(a is b for a, b in zip(ref.parameters(), fused.parameters()))
+    x = torch.randn(1, 64, DIM)
+    with torch.no_grad():
+        fused(x)
+        ref.mlp.fc2.weight.mul_(2.0)  # in place: the packed cache must notice
+        assert_close(fused(x), ref(x), scale=4)
+    ref.load_state_dict({k: v * 0.5 for k, v in ref.state_dict().items()})
+    with torch.no_grad():
+        assert_close(fused(x), ref(x), scale=4)
+
+
+def test_training_forward_backward_matches_reference():
+    ref = _block(drop_path=0.2).train()
+    fused = FusedBlock.from_reference(ref).train()
+    x = torch.randn(3, 80, DIM, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(1)
+    y_ref = ref(x)
+    torch.manual_seed(1)
+    y = fused(x2)  # same drop-path draws, same order
+    assert_close(y, y_ref, scale=4)
+    g = torch.randn_like(y)
+    y_ref.backward(g)
+    grads_ref = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ref.zero_grad()
+    y.backward(g)
+    for n, p in fused.named_parameters():
+        assert_close(p.grad, grads_ref[n], scale=20)
+    assert_close(x2.grad, x.grad, scale=20)
+
+
+def test_attention_and_mlp_pieces():
+    att = _randomise(Attention(DIM, HEADS, qkv_bias=True)).eval()
+    fatt = FusedAttention.from_reference(att)
+    mlp = _randomise(Mlp(DIM, 4 * DIM)).eval()
+    fmlp = FusedMlp.from_reference(mlp)
+    x = torch.randn(2, 100, DIM)
+    with torch.no_grad():
+        assert_close(fatt(x), att(x), scale=4)
+        out, q, k, amap = fatt.forward_qk(x, residual=x)
+        assert amap is None  # fp32: SDPA
+        assert_close(out, x + att(x), scale=4)
+        assert q.shape == k.shape == (2, HEADS, 100, DIM // HEADS)
+        assert_close(fmlp(x), mlp(x), scale=4)
+        assert_close(fmlp.forward_add(x, x), x + mlp(x), scale=4)
+
+
+def test_epilogue_helpers_fall_back_to_plain_math_when_not_packed():
+    fc = FastLinear(16, 32)
+    x = torch.randn(3, 16, requires_grad=True)  # needs grad: F.linear path
+    assert not fc.uses_packed(x)
+    assert_close(linear_gelu(fc, x, nn.GELU()), nn.functional.gelu(fc(x)))
+    r = torch.randn(3, 32)
+    assert_close(linear_add(fc, x, r), r + fc(x))
+    # tanh-GELU is not the post-op oneDNN is asked for: plain path, same result
+    with torch.no_grad():
+        x0 = x.detach()
+        assert_close(linear_gelu(fc, x0, nn.GELU(approximate="tanh")), nn.functional.gelu(fc(x0), approximate="tanh"))
+
+
+def test_timm_style_mlp_and_errors():
+    class TimmMlp(nn.Module):  # newer timm: drop1 / norm / drop2
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.drop1 = nn.Linear(8, 16), nn.GELU(), nn.Dropout(0.0)
+            self.norm, self.fc2, self.drop2 = nn.Identity(), nn.Linear(16, 8), nn.Dropout(0.0)
+
+        def forward(self, x):
+            return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+    m = TimmMlp().eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        assert_close(FusedMlp.from_reference(m)(x), m(x))
+    m.norm = nn.LayerNorm(16)
+    with pytest.raises(TypeError, match="norm"):
+        FusedMlp.from_reference(m)
+    with pytest.raises(TypeError, match="lacks"):
+        FusedBlock.from_reference(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="dim"):
+        FusedAttention(10, 3)
+    with pytest.raises(ValueError, match="dim"):
+        Attention(10, 3)
