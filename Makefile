@@ -2,6 +2,8 @@
 #   make demo   - the main job: tracker networks before/after swapping in fused layers
 #   make test   - the test suite (+ every benchmark once, timing disabled)
 #   make bench  - the benchmarks, providers side by side (python -m bench)
+#   make cmake-test       - csrc/ built by CMake against the venv's LibTorch, ctest, nvcc check of *.cu
+#   make check-cuda-build - the CUDA build in a second venv (.venv-cuda, several GB of downloads)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEPS := triton==3.9.0 ninja pybind11 numpy pytest pytest-benchmark expecttest matplotlib
 export MAX_JOBS ?= 2
 
-.PHONY: all install build demo test bench check info aot clean
+.PHONY: all install build demo test bench check info aot clean cmake-test check-cuda-build
 
 all: test
 
@@ -43,6 +45,19 @@ info: build
 
 aot: build
 	TRITON_INTERPRET=0 $(PY) -m fasttrack.kernels._aot
+
+CMAKE_BUILD_DIR ?= build/cmake
+NVCC_FOUND := $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+cmake-test: $(VENV)/.deps
+	cmake -S . -B $(CMAKE_BUILD_DIR) -DPython3_EXECUTABLE=$(abspath $(PY)) \
+		-DFASTTRACK_NVCC_CHECK=$(if $(NVCC_FOUND),ON,OFF) \
+		$(if $(wildcard $(CMAKE_BUILD_DIR)/CMakeCache.txt),,$(if $(shell command -v ninja),-G Ninja))
+	cmake --build $(CMAKE_BUILD_DIR) -j $(MAX_JOBS)
+	ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
+	$(if $(NVCC_FOUND),cmake --build $(CMAKE_BUILD_DIR) --target cuda_compile_check,@echo "no nvcc: cuda_compile_check skipped")
+
+check-cuda-build:
+	PYTHON=$(PYTHON) bash scripts/check_cuda_build.sh
 
 clean:
 	rm -rf build fasttrack/_C*.so *.egg-info

@@ -35,7 +35,9 @@ def _want_cuda():
 
 with_cuda = _want_cuda()
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+# No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 since torch 2.14,
+# whose headers no longer compile as C++17).
+cxx_flags = ["-O3", "-fopenmp"]
 define_macros = []
 ext_kwargs = {}
 if with_cuda:
@@ -43,13 +45,16 @@ if with_cuda:
     if cuda_home is None:
         raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit found: set CUDA_HOME to the directory whose "
                            "include/ holds cuda_runtime.h")
+    if torch.version.cuda is None:
+        raise RuntimeError(f"FORCE_CUDA=1 but torch {torch.__version__} is a CPU-only build: install a CUDA "
+                           "build of torch (see `make check-cuda-build`)")
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     define_macros.append(("FASTTRACK_WITH_CUDA", None))
     Extension = cpp_extension.CUDAExtension
-    ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]}
+    ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]}
 else:
     Extension = cpp_extension.CppExtension
     ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags}

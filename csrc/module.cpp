@@ -1,7 +1,8 @@
-// fasttrack._C: the Python module object. Each op's schema and CPU kernel live in csrc/cpu/<op>.cpp
-// (TORCH_LIBRARY_FRAGMENT), CUDA kernels in csrc/cuda/; loading this module registers them all.
+// The fasttrack library block. Each op's schema and CPU kernel live in csrc/cpu/<op>.cpp
+// (TORCH_LIBRARY_FRAGMENT), CUDA kernels in csrc/cuda/; loading the library registers them all.
+// No Python here: the module init of fasttrack._C is csrc/python_module.cpp, so CMake can build the
+// same sources into a plain shared library for the C++ tests.
 #include <torch/library.h>
-#include <Python.h>
 
 namespace fasttrack {
 bool cuda_built() {
@@ -18,6 +19,3 @@ TORCH_LIBRARY(fasttrack, m) {
   m.set_python_module("fasttrack.ops");
   m.def("_cuda_built() -> bool", &fasttrack::cuda_built);
 }
-
-static PyModuleDef fasttrack_C_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fasttrack_C_module); }
