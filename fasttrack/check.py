@@ -40,7 +40,8 @@ def _as_tuple(out):
 
 
 def _run(op, kernel, args, grad_pos, upstream):
-    """Forward outputs and gradients w.r.t. args[grad_pos], given upstream grads for float outputs."""
+    """Forward outputs and gradients w.r.t. args[grad_pos], given upstream grads for float outputs
+    (no backward when `upstream` is empty: the first reference run only shapes the upstream grads)."""
     args = [a.detach().clone().requires_grad_(True) if i in grad_pos else a for i, a in enumerate(args)]
     if kernel == "reference":
         out = op.reference(*args)
@@ -49,7 +50,7 @@ def _run(op, kernel, args, grad_pos, upstream):
             out = dispatch(op.name, *args)
     outs = _as_tuple(out)
     grads = ()
-    if grad_pos:
+    if grad_pos and upstream:
         pairs = [(o, g) for o, g in zip(outs, upstream) if g is not None]
         loss = sum((o.float() * g.float()).sum() for o, g in pairs)
         grads = torch.autograd.grad(loss, [args[i] for i in grad_pos], allow_unused=True)
