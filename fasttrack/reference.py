@@ -256,8 +256,9 @@ def bipartite_merge(x, r, metric=None, size=None, protected=0):
     size-weighted mean. The first ``protected`` tokens are never merged: protected A tokens are never
     sources, protected B tokens never destinations (ToMe's class / distillation tokens).
 
-    Returns ``(merged [B, N - r, C], size [B, N - r, 1])``, ordered ``cat([unmerged A in A order, B])``
-    as ToMe. ``size`` defaults to ones.
+    Returns ``(merged [B, N - r, C], size [B, N - r, 1])``, ordered ``cat([unmerged A, B])`` as ToMe:
+    unmerged A tokens in descending-similarity order, or in A order when ``protected > 0`` (ToMe
+    sorts them when it protects a class token). ``size`` defaults to ones.
     """
     B, N, C = x.shape
     m = x if metric is None else metric
@@ -274,6 +275,8 @@ def bipartite_merge(x, r, metric=None, size=None, protected=0):
     node_idx = torch.where(torch.isfinite(node_max), first, node_idx)
     edge = _sort_desc(node_max)
     unm_idx, src_idx = edge[:, r:], edge[:, :r]
+    if protected:  # ToMe with a class token: unmerged A back in A order, so protected tokens lead
+        unm_idx = unm_idx.sort(dim=1).values
     dst_idx = node_idx.gather(1, src_idx)
 
     def merge(t):

@@ -1,8 +1,402 @@
 // Schema of fasttrack::gather_tokens, fasttrack::pad_scatter (kept identical to fasttrack/ops/pad_scatter.py;
 // tests/test_registry.py compares them) and the native CPU kernel.
+//
+// CPU kernel: validate every index row first (range + duplicates, always: it costs O(B·L) int32 work
+// against the O(B·L·C) copy, so `check_index` only matters on CUDA), then one pass over the output,
+// parallel over batch × tokens, writing each output element once. Both ops are the "row map" of
+// fasttrack/pad_scatter.h: gather maps through `index`, scatter through its inverse (kEmpty → zeros).
+// The kernels move bytes, so they are instantiated per element size, not per dtype.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include <fasttrack/pad_scatter.h>
+
+namespace fasttrack {
+namespace pad_scatter {
+namespace {
+
+constexpr int64_t kGrainBytes = 64 * 1024;  // below this per task, a thread switch costs more than it saves
+constexpr int64_t kChannelBlock = 128;      // channel planes per nchw scatter task (the unit of parallel work)
+
+bool parse_layout(c10::string_view layout, const char* op) {
+  TORCH_CHECK_VALUE(layout == "tokens" || layout == "nchw", "fasttrack.", op,
+                    ": `layout` must be one of ('tokens', 'nchw'), got '", layout, "'");
+  return layout == "nchw";
+}
+
+void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "fasttrack.",
+                   op, ": `", name, "` must have dtype in (float32, float16, bfloat16, float64), got ", st);
+}
+
+void check_index_meta(const at::Tensor& index, const at::Tensor& data, const char* op, const char* data_name) {
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "fasttrack.", op, ": `index` must have dtype int64, got ",
+                   index.scalar_type());
+  TORCH_CHECK_VALUE(index.dim() == 2, "fasttrack.", op, ": `index` must have 2 dims, got shape ", index.sizes());
+  TORCH_CHECK_VALUE(index.device() == data.device(), "fasttrack.", op, ": `index` must be on ", data.device(),
+                    " (like `", data_name, "`), got ", index.device());
+  TORCH_CHECK_VALUE(index.size(0) == data.size(0), "fasttrack.", op, ": `index` must have shape [",
+                    data.size(0), ", *] (batch of `", data_name, "`), got ", index.sizes());
+}
+
+[[noreturn]] void raise_bad_index(const char* op, const RowCheck& rc, const int64_t* row, int64_t b,
+                                  int64_t length) {
+  if (rc.error == kIndexOutOfRange) {
+    TORCH_CHECK_VALUE(false, "fasttrack.", op, ": `index`[", b, ", ", rc.j, "] = ", row[rc.j],
+                      " is out of range [0, ", length, ")");
+  }
+  TORCH_CHECK_VALUE(false, "fasttrack.", op, ": `index`[", b, ", ", rc.j, "] = ", row[rc.j], " repeats `index`[",
+                    b, ", ", rc.first_j, "]; indices must be distinct within a row");
+}
+
+// Validates all rows before anything is written. inv: [B, length] inverse maps (scatter) or one
+// reused row of scratch (gather, inv_per_row = false).
+void check_rows(const char* op, const int64_t* index, int64_t B, int64_t k, int64_t length, int32_t* inv,
+                bool inv_per_row) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* row = index + b * k;
+    const RowCheck rc = build_inverse_row(row, k, length, inv + (inv_per_row ? b * length : 0));
+    if (rc.error != kIndexOk) raise_bad_index(op, rc, row, b, length);
+  }
+}
+
+// Row map, tokens layout: out row i = (b, r) is source row map[i] of batch b, or zeros.
+// Source rows are contiguous (C elements), strided by sb / st elements; output contiguous.
+template <typename T, typename MapT>
+void rows_to_rows(const T* src, int64_t sb, int64_t st, T* dst, const MapT* map, int64_t B, int64_t R,
+                  int64_t C) {
+  const size_t row_bytes = static_cast<size_t>(C) * sizeof(T);
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, C * sizeof(T)));
+  at::parallel_for(0, B * R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t s = map[i];
+      T* d = dst + i * C;
+      if (s >= 0) {
+        std::memcpy(d, src + (i / R) * sb + s * st, row_bytes);
+      } else {
+        std::memset(d, 0, row_bytes);
+      }
+    }
+  });
+}
+
+// V×V block transposes (V = 16 bytes / element): r[i] holds row i's V channels on entry, channel
+// i's V rows on exit. Pure lane moves, so any element type of that size is carried bit-exactly.
+#if defined(__SSE2__)
+template <int kSize>
+struct Transpose;
+
+template <>
+struct Transpose<2> {
+  static void run(__m128i* r) {
+    __m128i a[8], b[8];
+    for (int i = 0; i < 4; ++i) {
+      a[i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+      a[i + 4] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {  // channels 0-3 (h = 0) and 4-7 (h = 1)
+      b[4 * h + 0] = _mm_unpacklo_epi32(a[4 * h + 0], a[4 * h + 1]);
+      b[4 * h + 1] = _mm_unpacklo_epi32(a[4 * h + 2], a[4 * h + 3]);
+      b[4 * h + 2] = _mm_unpackhi_epi32(a[4 * h + 0], a[4 * h + 1]);
+      b[4 * h + 3] = _mm_unpackhi_epi32(a[4 * h + 2], a[4 * h + 3]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      r[2 * i] = _mm_unpacklo_epi64(b[2 * i], b[2 * i + 1]);
+      r[2 * i + 1] = _mm_unpackhi_epi64(b[2 * i], b[2 * i + 1]);
+    }
+  }
+};
+
+template <>
+struct Transpose<4> {
+  static void run(__m128i* r) {
+    const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpacklo_epi32(r[2], r[3]);
+    const __m128i t2 = _mm_unpackhi_epi32(r[0], r[1]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
+    r[0] = _mm_unpacklo_epi64(t0, t1);
+    r[1] = _mm_unpackhi_epi64(t0, t1);
+    r[2] = _mm_unpacklo_epi64(t2, t3);
+    r[3] = _mm_unpackhi_epi64(t2, t3);
+  }
+};
+
+template <>
+struct Transpose<8> {
+  static void run(__m128i* r) {
+    const __m128i t0 = _mm_unpacklo_epi64(r[0], r[1]);
+    r[1] = _mm_unpackhi_epi64(r[0], r[1]);
+    r[0] = t0;
+  }
+};
+#endif
+
+// 4-byte elements on CPUs with AVX2 (chosen at run time: the extension is built for baseline x86-64):
+// 8×8 transposes, half the stores of the SSE2 4×4 path.
+#if defined(__SSE2__) && defined(__GNUC__) && defined(__x86_64__)
+#define FT_HAVE_AVX2_PATH 1
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+
+template <typename T>
+__attribute__((target("avx2"))) int64_t transpose_lines_avx2(const T* const* rows, int64_t c, int64_t c1,
+                                                             T* planes, int64_t L) {
+  static_assert(sizeof(T) == 4, "8x8 transpose of 4-byte elements");
+  for (; c + 8 <= c1; c += 8) {
+    for (int64_t g = 0; g < 16; g += 8) {
+      __m256 r[8], t[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(rows[g + i] + c));
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      for (int h = 0; h < 2; ++h) {  // rows 0-3 (h = 0) and 4-7 (h = 1)
+        r[4 * h + 0] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * h + 1] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int i = 0; i < 4; ++i) {
+        float* d0 = reinterpret_cast<float*>(planes + (c + i) * L + g);
+        float* d1 = reinterpret_cast<float*>(planes + (c + i + 4) * L + g);
+        _mm256_storeu_ps(d0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(d1, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+      }
+    }
+  }
+  return c;
+}
+#endif
+
+// One tile of P = 64 / elem positions (`rows`: their P source rows) into planes[c·L + p], channels
+// [c, c1) in steps of V, each step completing V whole plane lines. Returns the first channel left to
+// the caller's scalar loop.
+template <typename T>
+int64_t transpose_lines(const T* const* rows, int64_t c, int64_t c1, T* planes, int64_t L) {
+#if defined(__SSE2__)
+  constexpr int64_t V = 16 / sizeof(T), P = 64 / sizeof(T);
+#if defined(FT_HAVE_AVX2_PATH)
+  if constexpr (sizeof(T) == 4) {
+    if (kHasAvx2) c = transpose_lines_avx2(rows, c, c1, planes, L);
+  }
+#endif
+  for (; c + V <= c1; c += V) {
+    for (int64_t g = 0; g < P; g += V) {
+      __m128i r[V];
+      for (int64_t i = 0; i < V; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[g + i] + c));
+      Transpose<sizeof(T)>::run(r);
+      for (int64_t i = 0; i < V; ++i) _mm_storeu_si128(reinterpret_cast<__m128i*>(planes + (c + i) * L + g), r[i]);
+    }
+  }
+#endif
+  return c;
+}
+
+// Scatter to nchw: dst[b, c, p] = src row inv[b, p] at channel c (or 0). Plane strides are often a
+// power of two (L·elem = 1 KB at OSTrack-256 fp32), which folds all planes onto a few L1 sets, so the
+// loop never keeps more than V plane lines half-written: a task (batch, block of channels) walks the
+// positions in tiles of P = one 64-byte line of a plane; for every V channels it transposes the P
+// rows' V-channel slices in registers (P/V transposes) and so completes V plane lines at once.
+template <typename T>
+void rows_to_planes(const T* src, int64_t sb, int64_t st, T* dst, const int32_t* inv, int64_t B, int64_t L,
+                    int64_t C) {
+  constexpr int64_t V = 16 / sizeof(T), P = 64 / sizeof(T);
+  const std::vector<T> zeros(C, T(0));
+  const int64_t nblocks = (C + kChannelBlock - 1) / kChannelBlock;
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, L * kChannelBlock * sizeof(T)));
+  at::parallel_for(0, B * nblocks, grain, [&](int64_t begin, int64_t end) {
+    const T* rows[P];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nblocks;
+      const int64_t c0 = (task % nblocks) * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
+      T* planes = dst + elem_offset(true, b, 0, 0, L, C);
+      for (int64_t p0 = 0; p0 < L; p0 += P) {
+        const int64_t np = std::min(P, L - p0);
+        for (int64_t p = 0; p < P; ++p) {
+          const int32_t s = p < np ? inv[b * L + p0 + p] : kEmpty;
+          rows[p] = s >= 0 ? src + b * sb + s * st : zeros.data();
+        }
+        int64_t c = c0;
+        if (np == P) c = transpose_lines(rows, c, c1, planes + p0, L);
+        for (; c < c1; ++c) {
+          T* d = planes + c * L + p0;
+          for (int64_t p = 0; p < np; ++p) d[p] = rows[p][c];
+        }
+      }
+    }
+  });
+}
+
+// Gather from planes: dst[b, j, c] = src[b·sb + c·sc + index[b, j]] (token stride 1). A task owns one
+// batch and W channels, W·elem = one 64-byte line: it reads its W planes (W·N·elem bytes, L1-sized at
+// tracker maps) and writes each output row's W channels as one whole line.
+template <typename T>
+void planes_to_rows(const T* src, int64_t sb, int64_t sc, T* dst, const int64_t* index, int64_t B, int64_t k,
+                    int64_t C) {
+  constexpr int64_t W = 64 / sizeof(T);
+  const int64_t ngroups = (C + W - 1) / W;
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, 2 * k * W * sizeof(T)));
+  at::parallel_for(0, B * ngroups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / ngroups;
+      const int64_t c0 = (task % ngroups) * W, nc = std::min(W, C - c0);
+      const T* planes = src + b * sb + c0 * sc;
+      const int64_t* idx = index + b * k;
+      T* d = dst + elem_offset(false, b, 0, c0, k, C);
+      if (nc == W) {
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t p = idx[j];
+          for (int64_t c = 0; c < W; ++c) d[j * C + c] = planes[c * sc + p];
+        }
+      } else {
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t p = idx[j];
+          for (int64_t c = 0; c < nc; ++c) d[j * C + c] = planes[c * sc + p];
+        }
+      }
+    }
+  });
+}
+
+template <typename F>
+void by_elem_size(const at::Tensor& t, F&& f) {
+  switch (t.element_size()) {
+    case 2: return f(uint16_t{});
+    case 4: return f(uint32_t{});
+    case 8: return f(uint64_t{});
+    default: TORCH_CHECK(false, "fasttrack: unsupported element size ", t.element_size());
+  }
+}
+
+}  // namespace
+
+// Metadata checks shared with the CUDA binding (csrc/cuda/pad_scatter.cpp); the Python wrapper runs
+// the same checks first, these guard direct torch.ops calls.
+Problem check_gather_args(const at::Tensor& x, const at::Tensor& index, c10::string_view layout) {
+  const char* op = "gather_tokens";
+  const bool nchw = parse_layout(layout, op);
+  TORCH_CHECK_VALUE(x.dim() == (nchw ? 4 : 3), "fasttrack.", op, ": `x` must have ", nchw ? 4 : 3,
+                    " dims, got shape ", x.sizes());
+  check_floating(x, op, "x");
+  check_index_meta(index, x, op, "x");
+  const int64_t N = nchw ? x.size(2) * x.size(3) : x.size(1);
+  const int64_t C = nchw ? x.size(1) : x.size(2);
+  TORCH_CHECK_VALUE(index.size(1) <= N, "fasttrack.", op, ": `index` selects ", index.size(1),
+                    " tokens but `x` has only ", N);
+  TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "fasttrack.", op, ": `x` has ", N,
+                    " tokens, more than the 2^31 - 1 supported");
+  return Problem{x.size(0), index.size(1), N, C, false, nchw};
+}
+
+Problem check_scatter_args(const at::Tensor& kept, const at::Tensor& index, int64_t length,
+                           c10::string_view layout, at::IntArrayRef hw) {
+  const char* op = "pad_scatter";
+  const bool nchw = parse_layout(layout, op);
+  TORCH_CHECK_VALUE(kept.dim() == 3, "fasttrack.", op, ": `kept` must have 3 dims, got shape ", kept.sizes());
+  check_floating(kept, op, "kept");
+  check_index_meta(index, kept, op, "kept");
+  TORCH_CHECK_VALUE(index.size(1) == kept.size(1), "fasttrack.", op, ": `index` must have shape [",
+                    kept.size(0), ", ", kept.size(1), "] (like `kept`), got ", index.sizes());
+  TORCH_CHECK_VALUE(length >= kept.size(1) && length <= std::numeric_limits<int32_t>::max(), "fasttrack.", op,
+                    ": `length` must be >= k=", kept.size(1), " (the number of kept tokens) and < 2^31, got ",
+                    length);
+  if (nchw) {
+    TORCH_CHECK_VALUE(hw.size() == 2 && hw[0] >= 0 && hw[1] >= 0 && hw[0] * hw[1] == length, "fasttrack.", op,
+                      ": `hw` must be (H, W) with H*W == length=", length, ", got ", hw);
+  }
+  return Problem{kept.size(0), kept.size(1), length, kept.size(2), true, nchw};
+}
+
+at::Tensor gather_tokens_cpu(const at::Tensor& x_in, const at::Tensor& index_in, c10::string_view layout,
+                             bool check_index) {
+  (void)check_index;  // the CPU path always validates: see the top of this file
+  const Problem pb = check_gather_args(x_in, index_in, layout);
+  const at::Tensor index = index_in.contiguous();
+  std::vector<int32_t> scratch(pb.length);
+  check_rows("gather_tokens", index.const_data_ptr<int64_t>(), pb.batch, pb.k, pb.length, scratch.data(), false);
+
+  at::Tensor out = at::empty({pb.batch, pb.k, pb.channels}, x_in.options());
+  if (out.numel() == 0) return out;
+  // The source is (batch, token, channel) with strides (sb, st, sc) whatever the layout: rows when the
+  // channels are contiguous (tokens layout, or a channels_last NCHW map), planes when the tokens are
+  // (NCHW, or a transposed token map); anything else is copied once.
+  int64_t sb = x_in.stride(0), st = 0, sc = x_in.stride(pb.nchw ? 1 : 2);
+  bool flat = true;  // tokens reachable with one stride
+  if (!pb.nchw) {
+    st = x_in.stride(1);
+  } else if (x_in.size(3) == 1) {
+    st = x_in.stride(2);
+  } else {
+    st = x_in.stride(3);
+    flat = x_in.size(2) == 1 || x_in.stride(2) == x_in.size(3) * st;
+  }
+  bool rows = flat && (sc == 1 || pb.channels == 1);
+  at::Tensor x = x_in;
+  if (!rows && !(flat && (st == 1 || pb.length == 1))) {
+    x = x_in.contiguous();
+    sb = x.stride(0);
+    rows = !pb.nchw;
+    st = rows ? pb.channels : 1;
+    sc = rows ? 1 : pb.length;
+  }
+  by_elem_size(x, [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = static_cast<const T*>(x.const_data_ptr());
+    T* dst = static_cast<T*>(out.mutable_data_ptr());
+    const int64_t* idx = index.const_data_ptr<int64_t>();
+    if (rows) {
+      rows_to_rows(src, sb, st, dst, idx, pb.batch, pb.k, pb.channels);
+    } else {
+      planes_to_rows(src, sb, sc, dst, idx, pb.batch, pb.k, pb.channels);
+    }
+  });
+  return out;
+}
+
+at::Tensor pad_scatter_cpu(const at::Tensor& kept_in, const at::Tensor& index_in, int64_t length,
+                           c10::string_view layout, at::IntArrayRef hw, bool check_index) {
+  (void)check_index;
+  const Problem pb = check_scatter_args(kept_in, index_in, length, layout, hw);
+  const at::Tensor index = index_in.contiguous();
+  std::vector<int32_t> inv(pb.batch * pb.length);
+  check_rows("pad_scatter", index.const_data_ptr<int64_t>(), pb.batch, pb.k, pb.length, inv.data(), true);
+
+  at::Tensor out = pb.nchw ? at::empty({pb.batch, pb.channels, hw[0], hw[1]}, kept_in.options())
+                           : at::empty({pb.batch, pb.length, pb.channels}, kept_in.options());
+  if (out.numel() == 0) return out;
+  // Rows only need unit channel stride: the tracker's kept tokens are often a slice x[:, lens_t:].
+  const at::Tensor kept = kept_in.stride(2) == 1 ? kept_in : kept_in.contiguous();
+  by_elem_size(kept, [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = static_cast<const T*>(kept.const_data_ptr());
+    T* dst = static_cast<T*>(out.mutable_data_ptr());
+    if (pb.nchw) {
+      rows_to_planes(src, kept.stride(0), kept.stride(1), dst, inv.data(), pb.batch, pb.length, pb.channels);
+    } else {
+      rows_to_rows(src, kept.stride(0), kept.stride(1), dst, inv.data(), pb.batch, pb.length, pb.channels);
+    }
+  });
+  return out;
+}
+
+}  // namespace pad_scatter
+}  // namespace fasttrack
 
 TORCH_LIBRARY_FRAGMENT(fasttrack, m) {
   m.def("gather_tokens(Tensor x, Tensor index, str layout=\"tokens\", bool check_index=True) -> Tensor");
   m.def("pad_scatter(Tensor kept, Tensor index, int length, str layout=\"tokens\", int[] hw=[], bool check_index=True) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fasttrack, CPU, m) {
+  m.impl("gather_tokens", &fasttrack::pad_scatter::gather_tokens_cpu);
+  m.impl("pad_scatter", &fasttrack::pad_scatter::pad_scatter_cpu);
 }

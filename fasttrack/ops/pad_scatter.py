@@ -1,12 +1,26 @@
 """`gather_tokens` / `pad_scatter`: gather kept tokens, and zero-pad them back to the full token
 map (``[B, L, C]`` or ``[B, C, H, W]``). Each is the other's backward. Semantics:
-`fasttrack.reference.gather_tokens` / `pad_scatter`. The GPU kernel is CUDA C++ (`csrc/cuda/`)."""
+`fasttrack.reference.gather_tokens` / `pad_scatter`. Kernels: C++ on CPU (`csrc/cpu/pad_scatter.cpp`),
+CUDA C++ on GPU (`csrc/cuda/`), sharing the index logic of `csrc/include/fasttrack/pad_scatter.h`.
+
+Index checks (`check_index`):
+- CPU: every row is checked for range and duplicates before anything is written, whatever
+  ``check_index`` says (O(B·L) integer work next to the O(B·L·C) copy).
+- CUDA: the kernel checks the range of every entry and, for `pad_scatter`, duplicates (two entries
+  of a row claiming the same position, caught while the kernel builds the tile's inverse map); it
+  ORs the finding into a device-side flag that the op reads after the launch and raises on. Reading
+  the flag is a device synchronisation per call: ``check_index=False`` skips it (production latency).
+  Bad entries are never written through either way: an out-of-range gather entry yields a zero row,
+  an out-of-range scatter entry is dropped, and of two duplicate scatter entries one (unspecified)
+  wins. Not checked on CUDA: duplicates in a `gather_tokens` index (its forward is still well
+  defined; its backward, a scatter, would keep one of the duplicate rows' gradients).
+"""
 from __future__ import annotations
 
 import torch
 
 from fasttrack import _validate as v
-from fasttrack.ops._registry import OpDef, dispatch, register
+from fasttrack.ops._registry import CheckCase, OpDef, dispatch, register
 
 SCHEMA_GATHER = "(Tensor x, Tensor index, str layout=\"tokens\", bool check_index=True) -> Tensor"
 SCHEMA_SCATTER = ("(Tensor kept, Tensor index, int length, str layout=\"tokens\", int[] hw=[], "
@@ -14,25 +28,32 @@ SCHEMA_SCATTER = ("(Tensor kept, Tensor index, int length, str layout=\"tokens\"
 LAYOUTS = ("tokens", "nchw")
 
 
+# Metadata checks (the wrapper and the fake kernels run them; the C++ kernels repeat them, same
+# messages, for direct torch.ops calls). They run on every call, so each message is formatted only
+# once its condition has failed.
 def check_gather(x, index, layout="tokens", check_index=True):
     op = "gather_tokens"
-    v.check(layout in LAYOUTS, op, f"`layout` must be one of {LAYOUTS}, got {layout!r}")
-    v.tensor(x, op, "x", ndim=3 if layout == "tokens" else 4)
+    if layout not in LAYOUTS:
+        v.check(False, op, f"`layout` must be one of {LAYOUTS}, got {layout!r}")
+    v.floating(x, op, "x", ndim=3 if layout == "tokens" else 4)
     v.index(index, op, "index", ndim=2, device=x.device, shape=(x.shape[0], None))
     n = x.shape[1] if layout == "tokens" else x.shape[2] * x.shape[3]
-    v.check(index.shape[1] <= n, op, f"`index` selects {index.shape[1]} tokens but `x` has only {n}")
+    if index.shape[1] > n:
+        v.check(False, op, f"`index` selects {index.shape[1]} tokens but `x` has only {n}")
 
 
 def check_scatter(kept, index, length, layout="tokens", hw=(), check_index=True):
     op = "pad_scatter"
-    v.check(layout in LAYOUTS, op, f"`layout` must be one of {LAYOUTS}, got {layout!r}")
-    v.tensor(kept, op, "kept", ndim=3)
+    if layout not in LAYOUTS:
+        v.check(False, op, f"`layout` must be one of {LAYOUTS}, got {layout!r}")
+    v.floating(kept, op, "kept", ndim=3)
     v.index(index, op, "index", ndim=2, device=kept.device, shape=tuple(kept.shape[:2]))
-    v.check(isinstance(length, int) and length >= kept.shape[1], op,
-            f"`length` must be an int >= k={kept.shape[1]} (the number of kept tokens), got {length!r}")
-    if layout == "nchw":
-        v.check(len(hw) == 2 and hw[0] * hw[1] == length, op,
-                f"`hw` must be (H, W) with H*W == length={length}, got {tuple(hw)}")
+    # SymInt: under torch.compile with dynamic shapes the backward passes x.shape[1] as `length`
+    if not (isinstance(length, (int, torch.SymInt)) and length >= kept.shape[1]):
+        v.check(False, op, f"`length` must be an int >= k={kept.shape[1]} (the number of kept tokens), "
+                           f"got {length!r}")
+    if layout == "nchw" and not (len(hw) == 2 and hw[0] * hw[1] == length):
+        v.check(False, op, f"`hw` must be (H, W) with H*W == length={length}, got {tuple(hw)}")
 
 
 def _fake_gather(x, index, layout="tokens", check_index=True):
@@ -70,23 +91,60 @@ def _backward_scatter(ctx, grad):
     return gather_tokens(grad.contiguous(), index, ctx.layout, check_index=False), None, None, None, None, None
 
 
+# (name, B, L, k, C, (H, W)): OSTrack-256 / -384 search maps after elimination at keep ratio 0.35,
+# UTPTrack-S (14×14 map, C=512, keep 0.7), and an odd shape (prime L, C not a multiple of 4).
+SHAPES = (
+    ("ostrack256", 2, 256, 89, 768, (16, 16)),
+    ("ostrack384", 1, 576, 199, 768, (24, 24)),
+    ("utptrack_s", 2, 196, 138, 512, (14, 14)),
+    ("odd", 3, 37, 11, 50, (1, 37)),
+)
+
+
+def random_index(B, L, k, device="cpu", generator=None):
+    """``[B, k]`` int64, distinct within each row, in random order (as a top-k selection gives)."""
+    rows = [torch.randperm(L, generator=generator)[:k] for _ in range(B)]
+    return torch.stack(rows).to(device) if rows else torch.empty(0, k, dtype=torch.long, device=device)
+
+
+def _cases(scatter):
+    def cases(device, dtype):
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for name, B, L, k, C, hw in SHAPES:
+            index = random_index(B, L, k, device, g)
+            for layout in LAYOUTS:
+                if scatter:
+                    kept = torch.randn(B, k, C, generator=g).to(device, dtype)
+                    args = (kept, index, L, layout, list(hw) if layout == "nchw" else [], True)
+                else:
+                    shape = (B, L, C) if layout == "tokens" else (B, C, *hw)
+                    args = (torch.randn(*shape, generator=g).to(device, dtype), index, layout, True)
+                out.append(CheckCase(f"{name}/{layout}", args, grad=(0,)))
+        return out
+    return cases
+
+
 GATHER_TOKENS = register(OpDef("gather_tokens", SCHEMA_GATHER, _fake_gather, _setup_gather, _backward_gather,
-                               cuda_cpp=True))
+                               cuda_cpp=True, cases=_cases(scatter=False)))
 PAD_SCATTER = register(OpDef("pad_scatter", SCHEMA_SCATTER, _fake_scatter, _setup_scatter, _backward_scatter,
-                             cuda_cpp=True))
+                             cuda_cpp=True, cases=_cases(scatter=True)))
 
 
 def gather_tokens(x, index, layout="tokens", check_index=True):
     """``out[b, j] = x[b, index[b, j]]`` → ``[B, k, C]``; ``x`` is ``[B, N, C]`` (``layout="tokens"``)
-    or ``[B, C, H, W]`` (``layout="nchw"``). Indices must be distinct per row and in range (checked
-    unless ``check_index=False``; on CUDA the check is a device-side flag, see README)."""
+    or ``[B, C, H, W]`` (``layout="nchw"``). Indices must be distinct per row and in range: always
+    checked on CPU; on CUDA ``check_index=False`` skips the read-back of the device-side flag (a sync)
+    — see this module's docstring for what is checked where."""
     check_gather(x, index, layout, check_index)
     return dispatch("gather_tokens", x, index, layout, check_index)
 
 
 def pad_scatter(kept, index, length, layout="tokens", hw=(), check_index=True):
     """Zero map of ``length`` tokens with ``kept[b, j]`` at position ``index[b, j]``: ``[B, length, C]``
-    or, with ``layout="nchw"`` and ``hw=(H, W)``, ``[B, C, H, W]``. Output dtype = ``kept.dtype``."""
-    hw = [int(h) for h in hw]
+    or, with ``layout="nchw"`` and ``hw=(H, W)``, ``[B, C, H, W]``. Output dtype = ``kept.dtype`` (the
+    official OSTrack recipe promotes fp16/bf16 to fp32 because its zero pad is created as fp32).
+    Index checks and ``check_index``: as `gather_tokens`."""
+    hw = list(hw)
     check_scatter(kept, index, length, layout, hw, check_index)
     return dispatch("pad_scatter", kept, index, length, layout, hw, check_index)
