@@ -8,7 +8,8 @@
   traced by ``torch.compile``.
 - ``reference``: the pure-PyTorch spec in `fasttrack.reference` (autograd by PyTorch).
 
-Use the environment variable, or ``with fasttrack.use_backend("reference"): ...``.
+Use the environment variable (read when fasttrack is imported), or
+``with fasttrack.use_backend("reference"): ...`` at run time.
 """
 from __future__ import annotations
 
@@ -26,10 +27,15 @@ def _validate(name: str) -> str:
     return name
 
 
+# Read once: this is on every op call's path (os.environ lookups cost ~1 µs). Switch at run time
+# with `use_backend`.
+_ENV_BACKEND = os.environ.get("FASTTRACK_BACKEND", "auto") or "auto"
+
+
 def current_backend() -> str:
     name = getattr(_state, "name", None)
     if name is None:
-        name = _validate(os.environ.get("FASTTRACK_BACKEND", "auto") or "auto")
+        name = _ENV_BACKEND if _ENV_BACKEND in BACKENDS else _validate(_ENV_BACKEND)
     return name
 
 

@@ -12,7 +12,8 @@ from fasttrack import _extension
 from fasttrack.ops._registry import REGISTRY, serving_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL_OPS = ["topk_select", "topk_select_qk", "gather_tokens", "pad_scatter", "merge_tokens", "pruned_linear"]
+ALL_OPS = ["topk_select", "topk_select_qk", "gather_tokens", "pad_scatter", "merge_tokens", "cosine_argmax",
+           "pruned_linear"]
 
 
 def _python(code, **env):
@@ -24,7 +25,8 @@ def test_every_op_is_registered():
     assert sorted(REGISTRY) == sorted(ALL_OPS)
     for name in ALL_OPS:
         assert hasattr(torch.ops.fasttrack, name)
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fasttrack::{name}", "Autograd")
+        if REGISTRY[name].backward is not None:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fasttrack::{name}", "Autograd")
 
 
 @pytest.mark.skipif(not _extension.loaded, reason="compares the C++ schemas with the Python ones")
@@ -154,3 +156,20 @@ def test_check_case_native_matches_reference_and_fake(name, case):
     fake = fake if isinstance(fake, tuple) else (fake,)
     for f, r in zip(fake, got):
         assert f.shape == r.shape and f.dtype == r.dtype and f.device == r.device
+
+
+def test_inference_fast_path_only_for_plain_cpu_calls():
+    """`dispatch` goes straight to the CPU kernel only when nothing above it (autograd, a dispatch
+    mode, tracing) needs to see the call; the result is the same kernel's either way."""
+    from fasttrack.ops._registry import _plain_cpu_inference
+    kept, idx = torch.randn(1, 3, 4), torch.tensor([[2, 0, 1]])
+    args = (kept, idx, 5, "tokens", [], True)
+    with torch.no_grad():
+        assert _plain_cpu_inference(args)
+    assert _plain_cpu_inference(args)  # grad enabled but nothing requires grad
+    assert not _plain_cpu_inference((kept.requires_grad_(), idx, 5, "tokens", [], True))
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        assert not _plain_cpu_inference(args)
+    out = fasttrack.pad_scatter(kept, idx, 5)
+    out.sum().backward()  # the autograd path still runs when a gradient is needed
+    assert torch.equal(kept.grad, torch.ones_like(kept))

@@ -42,6 +42,7 @@ class OpDef:
     triton: str | None = None         # "module:function" in fasttrack.kernels: the CUDA kernel
     cuda_cpp: bool = False            # CUDA kernel comes from _C instead of Triton
     cases: Callable | None = None     # cases(device, dtype) -> list[CheckCase] at tracker shapes
+    _overload: object = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def qualname(self) -> str:
@@ -54,6 +55,12 @@ class OpDef:
     @property
     def packet(self):
         return getattr(torch.ops.fasttrack, self.name)
+
+    @property
+    def overload(self):
+        if self._overload is None:  # cached: attribute lookups on torch.ops cost ~0.3 µs a call
+            self._overload = self.packet.default
+        return self._overload
 
     def triton_launcher(self) -> Callable:
         if self.triton is None:
@@ -111,7 +118,27 @@ def dispatch(name: str, *args):
     if backend == "triton" and op.triton is not None and _device_of(args).type == "cpu":
         return _TritonOnCPU.apply(op, *args)
     # auto / native, and ops whose GPU kernel is CUDA C++ (documented: `triton` leaves them native)
+    if _plain_cpu_inference(args):
+        return op.overload.redispatch(_CPU_KEYS, *args)
     return op.packet(*args)
+
+
+_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
+def _plain_cpu_inference(args) -> bool:
+    """True when a call can go straight to the CPU kernel: plain CPU tensors, nothing needing a
+    gradient, no tracing, no dispatch mode or functorch transform. That skips only the Python
+    autograd layer that `register_autograd` puts in front of the kernel (~6 µs a call, as much as
+    the kernel itself at tracker sizes); the kernel that runs is the same."""
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active() \
+            or torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or not a.is_cpu or (grad and a.requires_grad)):
+            return False
+    return True
 
 
 def serving_kernel(name: str, device: str) -> str:
