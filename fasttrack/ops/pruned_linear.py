@@ -2,10 +2,13 @@
 the LayerNorm in front of it (ABTrack's pruned ViT). Semantics: `fasttrack.reference.pruned_linear`."""
 from __future__ import annotations
 
+import math
+
 import torch
 
+from fasttrack import _extension
 from fasttrack import _validate as v
-from fasttrack.ops._registry import OpDef, dispatch, register
+from fasttrack.ops._registry import CheckCase, OpDef, dispatch, register
 
 SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor in_index, Tensor? ln_weight=None, "
           "Tensor? ln_bias=None, float eps=1e-05, bool normalize=False) -> Tensor")
@@ -17,6 +20,8 @@ def check_args(x, weight, bias, in_index, ln_weight=None, ln_bias=None, eps=1e-5
     v.check(x.dim() >= 1, op, "`x` must have at least one dim [..., d_in]")
     d_in = x.shape[-1]
     v.floating(weight, op, "weight", ndim=2, device=x.device)
+    # one GEMM dtype: the kernels multiply x's dtype by weight's (the reference upcasts both)
+    v.check(weight.dtype == x.dtype, op, f"`weight` must have x's dtype ({x.dtype}), got {weight.dtype}")
     d_out, d_kept = weight.shape
     v.index(in_index, op, "in_index", ndim=1, device=x.device)
     v.check(in_index.shape[0] == d_kept, op,
@@ -24,6 +29,7 @@ def check_args(x, weight, bias, in_index, ln_weight=None, ln_bias=None, eps=1e-5
     v.check(d_kept <= d_in, op, f"`in_index` keeps {d_kept} dims but `x` has only d_in={d_in}")
     if bias is not None:
         v.floating(bias, op, "bias", device=x.device, shape=(d_out,))
+        v.check(bias.dtype == x.dtype, op, f"`bias` must have x's dtype ({x.dtype}), got {bias.dtype}")
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if t is not None:
             v.check(normalize, op, f"`{name}` is given but normalize=False")
@@ -46,25 +52,24 @@ def _backward(ctx, grad):
     through the LayerNorm when it is fused."""
     x, weight, in_index, ln_weight, ln_bias = ctx.saved_tensors
     d_in = x.shape[-1]
-    x2 = x.reshape(-1, d_in).float()
-    g2 = grad.reshape(-1, grad.shape[-1]).float()
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32   # as the forward
+    x2 = x.reshape(-1, d_in).to(acc)
+    g2 = grad.reshape(-1, grad.shape[-1]).to(acc)
+    w = ln_weight.to(acc) if ln_weight is not None else None
+    b = ln_bias.to(acc) if ln_bias is not None else None
     if ctx.normalize:
-        h, mean, rstd = torch.native_layer_norm(x2, [d_in], None, None, ctx.eps)
+        # the reference's own LayerNorm (affine included): the weight gradient sums hk over all rows,
+        # where a differently rounded hk would show through cancellation
+        h, mean, rstd = torch.native_layer_norm(x2, [d_in], w, b, ctx.eps)
         hk = h.index_select(-1, in_index)
-        if ln_weight is not None:
-            hk = hk * ln_weight.float().index_select(0, in_index)
-        if ln_bias is not None:
-            hk = hk + ln_bias.float().index_select(0, in_index)
     else:
         hk = x2.index_select(-1, in_index)
     g_w = (g2.t() @ hk).to(weight.dtype)
     g_b = g2.sum(0).to(weight.dtype) if ctx.has_bias else None
-    g_hk = g2 @ weight.float()
+    g_hk = g2 @ weight.to(acc)
     g_h = torch.zeros_like(x2).index_copy_(1, in_index, g_hk)
     g_lnw = g_lnb = None
     if ctx.normalize:
-        w = ln_weight.float() if ln_weight is not None else None
-        b = ln_bias.float() if ln_bias is not None else None
         g_x, g_lnw, g_lnb = torch.ops.aten.native_layer_norm_backward(
             g_h, x2, [d_in], mean, rstd, w, b, [True, w is not None, b is not None])
         g_lnw = None if ln_weight is None else g_lnw.to(ln_weight.dtype)
@@ -74,8 +79,49 @@ def _backward(ctx, grad):
     return g_x.reshape(x.shape).to(x.dtype), g_w, g_b, None, g_lnw, g_lnb, None, None
 
 
+def _cases(device, dtype):
+    """ABTrack's pruned ViT-B linears at OSTrack-256 (320 tokens), d* = 540 (head-aligned, 45·12):
+    norm1 → qkv and norm2 → fc1 fused with their LayerNorm, proj plain (`fasttrack.nn.pruned`
+    states which linears are pruned); DeiT-tiny (d = 192) and an odd shape."""
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+
+    def keep(d_in, k):
+        return torch.randperm(d_in, generator=g)[:k].sort().values.to(device)
+
+    cases = []
+    for name, B, d_in, k, d_out, ln in [("qkv+ln1", 1, 768, 540, 2304, True), ("proj", 1, 768, 540, 768, False),
+                                        ("fc1+ln2", 2, 768, 540, 3072, True), ("tiny-proj", 1, 192, 96, 192, False),
+                                        ("odd", 3, 50, 37, 33, True)]:
+        x = rnd(B, 320 if d_in >= 192 else 7, d_in)
+        norm = (rnd(d_in, scale=0.5) + 1, rnd(d_in, scale=0.1)) if ln else (None, None)
+        args = (x, rnd(d_out, k, scale=k ** -0.5), rnd(d_out, scale=0.1), keep(d_in, k), *norm, 1e-5, ln)
+        cases.append(CheckCase(f"{name}/B{B}/{d_in}->{k}->{d_out}", args, grad=(0, 1, 2, 4, 5) if ln else (0, 1, 2)))
+    return cases
+
+
 PRUNED_LINEAR = register(OpDef("pruned_linear", SCHEMA, _fake, _setup_context, _backward,
-                               triton="pruned_linear:pruned_linear"))
+                               triton="pruned_linear:pruned_linear", cases=_cases))
+
+
+def _fake_gather(x, in_index, ln_weight=None, ln_bias=None, eps=1e-5, normalize=False):
+    return x.new_empty(math.prod(x.shape[:-1]), in_index.shape[0])
+
+
+def _gather_backward(ctx, grad):
+    raise RuntimeError("fasttrack._pruned_linear_gather is inference-only (PrunedLinear calls it only when no "
+                       "gradient is needed); differentiate through fasttrack.pruned_linear instead")
+
+
+if _extension.loaded:
+    # Phase 1 of the CPU kernel alone (csrc/cpu/pruned_linear.cpp): `fasttrack.nn.PrunedLinear`
+    # feeds it to its cached pre-packed oneDNN weight on the inference path. Its autograd formula
+    # raises, so a backward through it can never be silently wrong.
+    torch.library.register_fake("fasttrack::_pruned_linear_gather")(_fake_gather)
+    torch.library.register_autograd("fasttrack::_pruned_linear_gather", _gather_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
 
 def pruned_linear(x, weight, bias, in_index, norm=None):
