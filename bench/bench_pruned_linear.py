@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fasttrack
-from bench.harness import bench_op
+from bench.harness import bench_op, compile_fn
 from fasttrack import reference
 from fasttrack.nn.pruned import PrunedLinear
 
@@ -42,7 +42,7 @@ class _RefModule(nn.Module):
 def _compiled_frozen(module, x):
     torch._dynamo.reset()
     with torch._inductor.config.patch(freezing=True), torch.no_grad():
-        fn = torch.compile(module, dynamic=False)
+        fn = compile_fn(module, dynamic=False)
         fn(x)   # compile (and freeze: the weights become constants) outside the timed calls
     return fn
 
