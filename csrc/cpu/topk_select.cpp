@@ -1,8 +1,285 @@
 // Schema of fasttrack::topk_select, fasttrack::topk_select_qk (kept identical to fasttrack/ops/topk_select.py;
 // tests/test_registry.py compares them) and the native CPU kernel.
+//
+// Semantics: fasttrack/reference.py::topk_select. The scores are reduced in the reference's order
+// (per head: sum over rows, / R; then sum over heads, / H; + bonus), all in float32, so inputs whose
+// partial sums are exact give bit-identical scores and therefore identical selections, ties included.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/irange.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
 
 TORCH_LIBRARY_FRAGMENT(fasttrack, m) {
   m.def("topk_select(Tensor attn, Tensor x, Tensor query_index, Tensor? query_weight, Tensor? bonus, Tensor? global_index, int start, int length, float keep_ratio) -> (Tensor tokens, Tensor keep_index, Tensor removed_index, Tensor keep_global, Tensor removed_global)");
   m.def("topk_select_qk(Tensor q, Tensor k, Tensor x, Tensor query_index, Tensor? query_weight, Tensor? bonus, Tensor? global_index, int start, int length, float keep_ratio, float scale) -> (Tensor tokens, Tensor keep_index, Tensor removed_index, Tensor keep_global, Tensor removed_global)");
+}
+
+namespace fasttrack {
+namespace {
+
+using at::Tensor;
+using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+bool is_floating(const Tensor& t) {
+  auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
+}
+
+// The op can be called through torch.ops without the Python wrapper's checks, so every check that
+// keeps the kernel from reading or writing out of bounds is repeated here.
+struct Problem {
+  const char* op;
+  int64_t B, N, C, R, start, L, K;
+  Tensor x, query_index, query_weight, bonus, global_index;  // contiguous; weight/bonus float32
+};
+
+Problem check_common(const char* op, const Tensor& x, const Tensor& query_index,
+                     const std::optional<Tensor>& query_weight, const std::optional<Tensor>& bonus,
+                     const std::optional<Tensor>& global_index, int64_t start, int64_t length,
+                     double keep_ratio, int64_t B, int64_t N, at::Device dev) {
+  Problem p;
+  p.op = op;
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) == B && x.size(1) == N, op, ": `x` must be [B=", B, ", N=", N,
+                    ", C], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.device() == dev, op, ": `x` must be on ", dev, ", got ", x.device());
+  TORCH_CHECK_VALUE(query_index.dim() == 2 && query_index.size(0) == B && query_index.size(1) >= 1 &&
+                        query_index.scalar_type() == at::kLong && query_index.device() == dev,
+                    op, ": `query_index` must be an int64 [B=", B, ", R>=1] tensor on ", dev, ", got ",
+                    query_index.scalar_type(), " ", query_index.sizes());
+  p.B = B;
+  p.N = N;
+  p.C = x.size(2);
+  p.R = query_index.size(1);
+  TORCH_CHECK_VALUE(start >= 0 && length >= 1 && start + length <= N, op,
+                    ": need start >= 0, length >= 1 and `start + length` <= N=", N, ", got start=", start,
+                    ", length=", length);
+  TORCH_CHECK_VALUE(keep_ratio > 0.0 && keep_ratio <= 1.0, op, ": `keep_ratio` must be in (0, 1], got ",
+                    keep_ratio);
+  p.start = start;
+  p.L = length;
+  // ceil in double precision, as reference.keep_count (OSTrack's math.ceil)
+  p.K = static_cast<int64_t>(std::ceil(keep_ratio * static_cast<double>(length)));
+  p.x = x.contiguous();
+  p.query_index = query_index.contiguous();
+  const int64_t* qi = p.query_index.data_ptr<int64_t>();
+  for (const auto i : c10::irange(B * p.R)) {
+    TORCH_CHECK_VALUE(qi[i] >= 0 && qi[i] < N, op, ": `query_index` values must be in [0, N=", N, "), got ",
+                      qi[i], " at [", i / p.R, ", ", i % p.R, "]");
+  }
+  if (query_weight.has_value()) {
+    const Tensor& w = *query_weight;
+    TORCH_CHECK_VALUE(is_floating(w) && w.dim() == 2 && w.size(0) == B && w.size(1) == p.R && w.device() == dev,
+                      op, ": `query_weight` must be a floating [B=", B, ", R=", p.R, "] tensor on ", dev,
+                      ", got ", w.scalar_type(), " ", w.sizes());
+    p.query_weight = w.to(at::kFloat).contiguous();
+  }
+  if (bonus.has_value()) {
+    const Tensor& bo = *bonus;
+    TORCH_CHECK_VALUE(is_floating(bo) && bo.dim() == 2 && bo.size(0) == B && bo.size(1) == length &&
+                          bo.device() == dev,
+                      op, ": `bonus` must be a floating [B=", B, ", L=", length, "] tensor on ", dev, ", got ",
+                      bo.scalar_type(), " ", bo.sizes());
+    p.bonus = bo.to(at::kFloat).contiguous();
+  }
+  if (global_index.has_value()) {
+    const Tensor& g = *global_index;
+    TORCH_CHECK_VALUE(g.scalar_type() == at::kLong && g.dim() == 2 && g.size(0) == B && g.size(1) == length &&
+                          g.device() == dev,
+                      op, ": `global_index` must be an int64 [B=", B, ", L=", length, "] tensor on ", dev,
+                      ", got ", g.scalar_type(), " ", g.sizes());
+    p.global_index = g.contiguous();
+  }
+  return p;
+}
+
+// Ascending order of the key = descending score, then ascending index. Every NaN ranks first and
+// -0 ties with +0, as in torch.sort(descending=True, stable=True), which the reference uses.
+inline uint64_t rank_key(float s, uint32_t l) {
+  uint32_t bits;
+  std::memcpy(&bits, &s, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    bits = 0x7fc00000u;
+  } else if (bits == 0x80000000u) {
+    bits = 0u;
+  }
+  const uint32_t ascending = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return (static_cast<uint64_t>(~ascending) << 32) | l;
+}
+
+// Candidates are scored in chunks of this many columns: each column's reduction runs in the same
+// order whichever chunk or thread computes it, so chunks can be spread over threads even for B = 1.
+constexpr int64_t kChunk = 64;
+
+// score[l] for l in [l0, l1) (<= kChunk columns) of batch row b: the sum over heads of (the sum over
+// rows of w_r * row_r[l]) / R, then / H, + bonus. `row(h, r)` points at candidate 0 of query row r
+// of head h.
+template <typename T, typename RowFn>
+void score_candidates(const Problem& p, int64_t b, int64_t H, RowFn row, int64_t l0, int64_t l1, float* score) {
+  const int64_t R = p.R, n = l1 - l0;
+  const float* w = p.query_weight.defined() ? p.query_weight.data_ptr<float>() + b * R : nullptr;
+  float acc[kChunk] = {}, head[kChunk];
+  const float fr = static_cast<float>(R);
+  for (const auto h : c10::irange(H)) {
+    std::fill(head, head + n, 0.f);
+    for (const auto r : c10::irange(R)) {
+      const T* __restrict__ a = row(h, r) + l0;
+      if (w == nullptr) {
+        for (int64_t j = 0; j < n; ++j) head[j] += static_cast<float>(a[j]);
+      } else {
+        const float wr = w[r];
+        for (int64_t j = 0; j < n; ++j) head[j] += wr * static_cast<float>(a[j]);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) acc[j] += head[j] / fr;
+  }
+  const float fh = static_cast<float>(H);
+  const float* bo = p.bonus.defined() ? p.bonus.data_ptr<float>() + b * p.L + l0 : nullptr;
+  for (int64_t j = 0; j < n; ++j) score[l0 + j] = bo ? acc[j] / fh + bo[j] : acc[j] / fh;
+}
+
+// Top-k of one row: nth_element splits kept from removed, then each part is sorted because both
+// outputs are in descending score order (the spec); no sort ever spans both parts.
+void select_row(const Problem& p, int64_t b, const float* score, uint64_t* keys, int64_t* keep, int64_t* removed) {
+  const int64_t L = p.L, K = p.K;
+  for (int64_t l = 0; l < L; ++l) keys[l] = rank_key(score[l], static_cast<uint32_t>(l));
+  std::nth_element(keys, keys + K, keys + L);
+  std::sort(keys, keys + K);
+  std::sort(keys + K, keys + L);
+  for (int64_t j = 0; j < K; ++j) keep[b * K + j] = static_cast<int64_t>(keys[j] & 0xffffffffu);
+  for (int64_t j = K; j < L; ++j) removed[b * (L - K) + j - K] = static_cast<int64_t>(keys[j] & 0xffffffffu);
+}
+
+void map_global(const Problem& p, int64_t b, int64_t n, const int64_t* local, int64_t* out) {
+  const int64_t* g = p.global_index.defined() ? p.global_index.data_ptr<int64_t>() + b * p.L : nullptr;
+  for (int64_t j = 0; j < n; ++j) out[b * n + j] = g ? g[local[b * n + j]] : local[b * n + j];
+}
+
+// tokens[b] = cat(x[b, :start], x[b, start + keep], x[b, start + L:]), row by row as raw bytes. The
+// rows are independent, so they are split over threads even for B = 1 (the copy is most of the op's
+// time), but only in chunks of >= 256 KB: below that a fork/join costs more than it saves.
+void gather_tokens(const Problem& p, const int64_t* keep, char* out) {
+  const int64_t row = p.C * p.x.element_size();
+  const int64_t M = p.N - p.L + p.K;
+  const int64_t start = p.start, K = p.K, L = p.L, N = p.N;
+  const char* x = static_cast<const char*>(p.x.data_ptr());
+  const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(row, 1));
+  auto body = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / M, o = i % M;
+      const int64_t src = o < start ? o : (o < start + K ? start + keep[b * K + o - start] : o - K + L);
+      std::memcpy(out + i * row, x + (b * N + src) * row, row);
+    }
+  };
+  at::parallel_for(0, p.B * M, grain, body);
+}
+
+// Shared tail of both ops. `score_cols(b, l0, l1, score)` fills score[l0, l1) of batch row b;
+// `column_cost` (elements it reads per column) sizes the parallel chunks.
+template <typename ScoreFn>
+Outputs select_and_gather(const Problem& p, int64_t column_cost, ScoreFn score_cols) {
+  const int64_t B = p.B, L = p.L, K = p.K;
+  auto idx = p.x.options().dtype(at::kLong);
+  Tensor tokens = at::empty({B, p.N - L + K, p.C}, p.x.options());
+  Tensor keep = at::empty({B, K}, idx), removed = at::empty({B, L - K}, idx);
+  Tensor keep_g = at::empty({B, K}, idx), removed_g = at::empty({B, L - K}, idx);
+  int64_t* kp = keep.data_ptr<int64_t>();
+  int64_t* rp = removed.data_ptr<int64_t>();
+  int64_t* kg = keep_g.data_ptr<int64_t>();
+  int64_t* rg = removed_g.data_ptr<int64_t>();
+  std::vector<float> scores(K == L ? 0 : B * L);  // k == L: nothing removed, no score needed
+  if (K != L) {
+    const int64_t chunks = (L + kChunk - 1) / kChunk;
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(column_cost * kChunk, 1));
+    at::parallel_for(0, B * chunks, grain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / chunks, l0 = (i % chunks) * kChunk;
+        score_cols(b, l0, std::min(L, l0 + kChunk), scores.data() + b * L);
+      }
+    });
+  }
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint64_t> keys(K == L ? 0 : L);
+    for (int64_t b = b0; b < b1; ++b) {
+      if (K == L) {  // the official code returns its input untouched
+        for (int64_t l = 0; l < L; ++l) kp[b * L + l] = l;
+      } else {
+        select_row(p, b, scores.data() + b * L, keys.data(), kp, rp);
+        map_global(p, b, L - K, rp, rg);
+      }
+      map_global(p, b, K, kp, kg);
+    }
+  });
+  gather_tokens(p, kp, static_cast<char*>(tokens.data_ptr()));
+  return {tokens, keep, removed, keep_g, removed_g};
+}
+
+Outputs topk_select_cpu(const Tensor& attn, const Tensor& x, const Tensor& query_index,
+                        const std::optional<Tensor>& query_weight, const std::optional<Tensor>& bonus,
+                        const std::optional<Tensor>& global_index, int64_t start, int64_t length,
+                        double keep_ratio) {
+  const char* op = "fasttrack.topk_select";
+  TORCH_CHECK_VALUE(is_floating(attn) && attn.dim() == 4 && attn.size(2) == attn.size(3), op,
+                    ": `attn` must be a floating [B, H, N, N] tensor, got ", attn.scalar_type(), " ", attn.sizes());
+  const Problem p = check_common(op, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio,
+                                 attn.size(0), attn.size(2), attn.device());
+  // Only R·L elements per head are read, so strided batch/head/row dims cost nothing; a strided
+  // last dim would defeat the vector loop, and is rare enough to pay one copy for.
+  const Tensor a = attn.stride(3) == 1 ? attn : attn.contiguous();
+  const int64_t H = a.size(1), sb = a.stride(0), sh = a.stride(1), sn = a.stride(2);
+  const int64_t* qi = p.query_index.data_ptr<int64_t>();
+  Outputs out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "topk_select_cpu", [&] {
+    const scalar_t* base = a.data_ptr<scalar_t>() + start;
+    out = select_and_gather(p, H * p.R, [&](int64_t b, int64_t l0, int64_t l1, float* score) {
+      const int64_t* q = qi + b * p.R;
+      score_candidates<scalar_t>(p, b, H, [&](int64_t h, int64_t r) { return base + b * sb + h * sh + q[r] * sn; },
+                                 l0, l1, score);
+    });
+  });
+  return out;
+}
+
+Outputs topk_select_qk_cpu(const Tensor& q, const Tensor& k, const Tensor& x, const Tensor& query_index,
+                           const std::optional<Tensor>& query_weight, const std::optional<Tensor>& bonus,
+                           const std::optional<Tensor>& global_index, int64_t start, int64_t length,
+                           double keep_ratio, double scale) {
+  const char* op = "fasttrack.topk_select_qk";
+  TORCH_CHECK_VALUE(is_floating(q) && q.dim() == 4, op, ": `q` must be a floating [B, H, N, D] tensor, got ",
+                    q.scalar_type(), " ", q.sizes());
+  TORCH_CHECK_VALUE(is_floating(k) && k.sizes() == q.sizes() && k.device() == q.device(), op,
+                    ": `k` must be a floating tensor of q's shape ", q.sizes(), ", got ", k.scalar_type(), " ",
+                    k.sizes());
+  const Problem p = check_common(op, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio,
+                                 q.size(0), q.size(2), q.device());
+  const int64_t B = p.B, H = q.size(1), N = p.N, R = p.R;
+  if (p.K == p.L) {  // the scores are not needed
+    return select_and_gather(p, 0, [](int64_t, int64_t, int64_t, float*) {});
+  }
+  // Only the R query rows go through the GEMM and softmax; they are the reference's own ATen calls
+  // (fp32 logits, scaled after the product) so the probabilities match it bit for bit.
+  const Tensor rows_index = p.query_index.view({B, 1, R, 1}).expand({B, H, R, q.size(3)});
+  const Tensor qr = q.gather(2, rows_index).to(at::kFloat);  // gather first: converts R rows, not N
+  const Tensor logits = at::matmul(qr, k.to(at::kFloat).transpose(-1, -2)).mul_(scale);
+  const Tensor probs = at::softmax(logits, -1);  // [B, H, R, N], contiguous
+  const float* base = probs.data_ptr<float>() + start;
+  return select_and_gather(p, H * R, [&](int64_t b, int64_t l0, int64_t l1, float* score) {
+    score_candidates<float>(p, b, H, [&](int64_t h, int64_t r) { return base + ((b * H + h) * R + r) * N; },
+                            l0, l1, score);
+  });
+}
+
+}  // namespace
+}  // namespace fasttrack
+
+TORCH_LIBRARY_IMPL(fasttrack, CPU, m) {
+  m.impl("topk_select", &fasttrack::topk_select_cpu);
+  m.impl("topk_select_qk", &fasttrack::topk_select_qk_cpu);
 }

@@ -131,8 +131,9 @@ def _plain_cpu_inference(args) -> bool:
     gradient, no tracing, no dispatch mode or functorch transform. That skips only the Python
     autograd layer that `register_autograd` puts in front of the kernel (~6 µs a call, as much as
     the kernel itself at tracker sizes); the kernel that runs is the same."""
-    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active() \
-            or torch.compiler.is_compiling():
+    # is_compiling first: Dynamo cannot trace the other two queries
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
+            or torch._C._are_functorch_transforms_active():
         return False
     grad = torch.is_grad_enabled()
     for a in args:
