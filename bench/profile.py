@@ -1,4 +1,4 @@
-"""`python -m bench profile [--family NAME] [--batch B] [--dtype float32|bfloat16]`
+"""`python -m bench profile [--family NAME] [--batch B] [--dtype float32|bfloat16] [--threads N]`
 
 Per-segment time breakdown of one tracker forward, reference modules vs fused modules. Segments are
 assigned by the kind of each leaf operator in the torch profiler (self CPU time):
@@ -67,7 +67,10 @@ def main(argv=None) -> int:
     p.add_argument("--family", default="", help=f"comma-separated, from {list(FAMILIES)} (default: all)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     fams = [f for f in a.family.split(",") if f] or list(FAMILIES)
     rows = []
@@ -75,5 +78,7 @@ def main(argv=None) -> int:
         case = build(fam, a.batch, dtype)
         rows.append((fam, "reference", breakdown(case.reference, *case.inputs)))
         rows.append((fam, "fused", breakdown(case.fused, *case.inputs)))
+        for name, module in case.extras.items():   # ABTrack: the dense ViT yardstick, fused-all at B > 1
+            rows.append((fam, name, breakdown(module, *case.inputs)))
     print(table(rows))
     return 0

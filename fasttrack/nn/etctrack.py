@@ -334,10 +334,36 @@ class ETCTrackEncoder(nn.Module):
                                      for _ in range(num_stages)])
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.compressor(z).merged
+        return self._stages(self.compressor(z).merged, x)
+
+    def _stages(self, z, x):
         for stage in self.stages:
             z, x = stage(z, x)
         return z, x
+
+    def track(self, x: torch.Tensor, z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Opt-in per-frame API: reuse the compressed template history while it is unchanged.
+
+        Exactness: the compressor reads only the template history ``z`` (temporal position
+        encoding, token correlation, fixed projection scores, merge), never the search tokens, so
+        its output can be reused exactly for as long as ``z`` is the same; everything from the
+        first `HIBlock` on mixes template and search and is recomputed. Give ``z`` on the first
+        frame and whenever the history changes (a new frame enters it); ``None`` reuses the cached
+        compression, computed with the weights of that call. The result equals ``forward(last z,
+        x)`` exactly."""
+        if z is not None:
+            self._track_z = self.compressor(z).merged
+        merged = self.__dict__.get("_track_z")
+        if merged is None:
+            raise _err("ETCTrackEncoder.track", "pass `z` (the template history) on the first call")
+        if merged.shape[0] != x.shape[0]:
+            raise _err("ETCTrackEncoder.track", f"`x` has batch {x.shape[0]}, the cached history {merged.shape[0]}")
+        return self._stages(merged, x)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state.pop("_track_z", None)
+        return state
 
 
 class FusedETCTrackEncoder(ETCTrackEncoder):

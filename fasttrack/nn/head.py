@@ -10,7 +10,12 @@ offset_map).
 network: BatchNorm folded into the convs, the three first-stage convs concatenated into one conv,
 the later stages as grouped convs (groups=3), the three 1x1 outputs as one grouped 1x1 conv (the
 1-channel centre output padded to 2 with a zero filter). The folded weights are a cache rebuilt
-when any parameter or BN buffer changes (version counter or storage).
+when any parameter or BN buffer changes (version counter or storage). The first stage (C -> 3·channel
+3x3, ~80% of the head's FLOPs) runs as im2col + one pre-packed oneDNN GEMM with the ReLU as a
+post-op when the packed path applies (`fasttrack.nn.linear` rule): its input is the search tokens
+``[B, HW, C]``, already channels-last, so the 9 shifted windows are plain slices, and the GEMM
+beats oneDNN's direct 3x3 convolution at this size (16x16 map, C=768: ~25% faster in fp32 and bf16
+on the development machine).
 
 Dispatch rule (`FusedCenterPredictor.uses_folded` states it): the folded path runs in eval mode
 when no gradient is needed (grad mode off, or neither x nor any head parameter requires grad);
@@ -22,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fasttrack.nn.linear import _packable
 
 __all__ = ["CenterPredictor", "FusedCenterPredictor", "conv_bn_relu"]
 
@@ -168,14 +175,39 @@ class FusedCenterPredictor(CenterPredictor):
                 b = torch.cat([b for _, b in wb]).to(dtype)
                 stages.append((w, b, 1 if s == 1 else 3, getattr(self, f"conv{s}_ctr")[0].padding if s < 5 else 0))
         self.__dict__["_fold_cache"] = (key, stages)
+        self.__dict__.pop("_im2col_cache", None)
         return stages
+
+    def _im2col_weight(self, w):
+        """Stage 1's folded weight as a packed GEMM weight ``[C_out, (ky, kx, C_in)]`` (cached with
+        the folded weights)."""
+        cache = self.__dict__.get("_im2col_cache")
+        if cache is None or cache[0] is not w:
+            wm = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
+            cache = (w, torch.ops.mkldnn._reorder_linear_weight(wm))
+            self.__dict__["_im2col_cache"] = cache
+        return cache[1]
+
+    def _stage1_gemm(self, x, w, b, pad):
+        """conv(3x3, stride 1) + ReLU as im2col + packed GEMM; returns NCHW in channels-last memory."""
+        B, C, H, W = x.shape
+        kh, kw = w.shape[-2:]
+        t = F.pad(x.permute(0, 2, 3, 1), (0, 0, pad[1], pad[1], pad[0], pad[0]))   # [B, H+2p, W+2p, C]
+        cols = torch.cat([t[:, dy:dy + H, dx:dx + W] for dy in range(kh) for dx in range(kw)], dim=-1)
+        out = torch.ops.mkldnn._linear_pointwise(cols.view(B, H * W, -1), self._im2col_weight(w), b, "relu", [], "")
+        return out.view(B, H, W, -1).permute(0, 3, 1, 2)
 
     def get_score_map(self, x):
         if not self.uses_folded(x):
             return super().get_score_map(x)
-        h = x.contiguous(memory_format=torch.channels_last)
         stages = self._folded_weights(x.dtype)
-        for i, (w, b, groups, pad) in enumerate(stages):
+        w1, b1, _, pad1 = stages[0]
+        if _packable(x, w1, b1) and tuple(pad1) == (w1.shape[-2] // 2, w1.shape[-1] // 2):
+            h, first = self._stage1_gemm(x, w1, b1, pad1), 1
+        else:
+            h, first = x.contiguous(memory_format=torch.channels_last), 0
+        for i in range(first, len(stages)):
+            w, b, groups, pad = stages[i]
             h = F.conv2d(h, w, b, padding=pad, groups=groups)
             if i < 4:
                 h = F.relu_(h)
@@ -184,4 +216,5 @@ class FusedCenterPredictor(CenterPredictor):
     def __getstate__(self):
         state = super().__getstate__().copy()
         state.pop("_fold_cache", None)
+        state.pop("_im2col_cache", None)
         return state

@@ -277,15 +277,27 @@ class VisionTransformerCE(nn.Module):
             nn.init.trunc_normal_(p, std=0.02)
         self.apply(_init_vit)
 
-    def _embed(self, z, x):
-        if z.dim() != 4 or x.dim() != 4:
-            raise ValueError(f"`z` and `x` must be images [B, 3, H, W], got {list(z.shape)} and {list(x.shape)}")
-        if z.shape[-1] // self.patch_size != self.feat_sz_z or x.shape[-1] // self.patch_size != self.feat_sz_x:
+    def embed_template(self, z):
+        """``patch_embed(z) + pos_embed_z`` ``[B, Lz, C]``: the search-independent part of the
+        forward, which `OSTrack.track` reuses across frames."""
+        if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[-1] // self.patch_size != self.feat_sz_z:
+            got = list(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"`z` must be an image [B, 3, {self.feat_sz_z * self.patch_size}, "
+                             f"{self.feat_sz_z * self.patch_size}] (the size pos_embed_z was built for), got {got}")
+        return self.patch_embed(z) + self.pos_embed_z
+
+    def _embed(self, z, x, z_tokens=None):
+        if x.dim() != 4 or (z_tokens is None and z.dim() != 4):
+            raise ValueError(f"`z` and `x` must be images [B, 3, H, W], got {list(z.shape) if z is not None else None} "
+                             f"and {list(x.shape)}")
+        if (z_tokens is None and z.shape[-1] // self.patch_size != self.feat_sz_z) \
+                or x.shape[-1] // self.patch_size != self.feat_sz_x:
             raise ValueError(f"`z` / `x` must be {self.feat_sz_z * self.patch_size} / "
                              f"{self.feat_sz_x * self.patch_size} px "
-                             f"(the sizes pos_embed_z / pos_embed_x were built for), got {z.shape[-1]} / {x.shape[-1]}")
+                             f"(the sizes pos_embed_z / pos_embed_x were built for), got "
+                             f"{None if z is None else z.shape[-1]} / {x.shape[-1]}")
         x = self.patch_embed(x) + self.pos_embed_x
-        z = self.patch_embed(z) + self.pos_embed_z
+        z = self.embed_template(z) if z_tokens is None else z_tokens
         return self.pos_drop(torch.cat([z, x], dim=1))
 
     def _run_blocks(self, tokens, ce_template_mask, ce_keep_rate):
@@ -311,9 +323,11 @@ class VisionTransformerCE(nn.Module):
         index_all = torch.cat([gi_s, removed_cat], dim=1)
         return torch.zeros_like(search).scatter_(1, index_all.unsqueeze(-1).expand(B, -1, C), search)
 
-    def forward(self, z, x, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False):
+    def forward(self, z, x, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False, z_tokens=None):
+        """``z_tokens`` (fasttrack extension): an `embed_template` result used instead of ``z``."""
         # return_last_attn is accepted and ignored, as in OSTrack
-        tokens, gi_t, gi_s, removed, attn = self._run_blocks(self._embed(z, x), ce_template_mask, ce_keep_rate)
+        tokens, gi_t, gi_s, removed, attn = self._run_blocks(self._embed(z, x, z_tokens), ce_template_mask,
+                                                             ce_keep_rate)
         lens_z, lens_x = gi_t.shape[1], self.pos_embed_x.shape[1]
         zt, xs = tokens[:, :lens_z], tokens[:, lens_z:]
         if removed and removed[0] is not None:
@@ -344,15 +358,16 @@ class FusedVisionTransformerCE(VisionTransformerCE):
         m.train(ref.training)
         return m
 
-    def forward_split(self, z, x, ce_template_mask=None, ce_keep_rate=None):
+    def forward_split(self, z, x, ce_template_mask=None, ce_keep_rate=None, z_tokens=None):
         """``(template tokens [B, Lz', C], kept search tokens [B, k, C], their global indices
         [B, k], removed index list, attn)`` after the final norm, before re-padding."""
-        tokens, gi_t, gi_s, removed, attn = self._run_blocks(self._embed(z, x), ce_template_mask, ce_keep_rate)
+        tokens, gi_t, gi_s, removed, attn = self._run_blocks(self._embed(z, x, z_tokens), ce_template_mask,
+                                                             ce_keep_rate)
         lens_z = gi_t.shape[1]
         return tokens[:, :lens_z], tokens[:, lens_z:], gi_s, removed, attn
 
-    def forward(self, z, x, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False):
-        zt, xs, gi_s, removed, attn = self.forward_split(z, x, ce_template_mask, ce_keep_rate)
+    def forward(self, z, x, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False, z_tokens=None):
+        zt, xs, gi_s, removed, attn = self.forward_split(z, x, ce_template_mask, ce_keep_rate, z_tokens)
         lens_x = self.pos_embed_x.shape[1]
         if xs.shape[1] != lens_x:
             xs = pad_scatter(xs.contiguous(), gi_s, lens_x)
@@ -401,10 +416,42 @@ class OSTrack(nn.Module):
 
     def forward(self, template, search, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False):
         x, aux = self.backbone(template, search, ce_template_mask=ce_template_mask, ce_keep_rate=ce_keep_rate)
+        return self._finish(x, aux)
+
+    def _finish(self, x, aux):
         out = self.forward_head(x)
         out.update(aux)
         out["backbone_feat"] = x
         return out
+
+    def track(self, search, template=None, ce_template_mask=None, ce_keep_rate=None):
+        """Opt-in per-frame API that reuses the template's work across frames.
+
+        Exactness: only the search-independent part is reused — the template's patch + positional
+        embedding. In a one-stream ViT the template tokens attend to the search tokens in every
+        block (and CE scores come from that joint attention), so no block output of the template
+        can be reused exactly. Give ``template`` on the first frame and whenever it changes;
+        ``None`` reuses the cached embedding, which holds the values computed with the weights of
+        that call (give the template again after changing weights). In eval mode the result equals
+        ``forward(last template, search, ...)`` exactly (the same ops on the same values); in
+        training mode ``pos_drop`` would draw new dropout masks, so this is an inference API.
+        """
+        if not hasattr(self.backbone, "embed_template"):
+            raise TypeError(f"track: the backbone ({type(self.backbone).__name__}) has no `embed_template`")
+        if template is not None:
+            self._track_z = self.backbone.embed_template(template)
+        z = self.__dict__.get("_track_z")
+        if z is None:
+            raise ValueError("track: pass `template` on the first call")
+        if z.shape[0] != search.shape[0]:
+            raise ValueError(f"track: `search` has batch {search.shape[0]}, the cached template {z.shape[0]}")
+        x, aux = self.backbone(None, search, ce_template_mask=ce_template_mask, ce_keep_rate=ce_keep_rate, z_tokens=z)
+        return self._finish(x, aux)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state.pop("_track_z", None)
+        return state
 
 
 class FusedOSTrack(OSTrack):

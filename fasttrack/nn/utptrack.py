@@ -36,14 +36,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from functools import partial
+
+from fasttrack.nn.head import CenterPredictor, FusedCenterPredictor
 from fasttrack.nn.linear import _packable
-from fasttrack.nn.ostrack import Scorer, _active, _check_index, ce_query_index
+from fasttrack.nn.ostrack import (
+    OSTrack, PatchEmbed, Scorer, VisionTransformerCE, _active, _check_index, _init_vit, ce_query_index, ctr_point_mask,
+)
+from fasttrack.ops import pad_scatter
 from fasttrack.nn.vit import (
     Attention, FusedBlock, Mlp, _identity_like, drop_path_of, drop_path_or_identity, sdpa_is_faster,
     share_block_parts,
 )
 
-__all__ = ["UTPTrackOBlock", "FusedUTPTrackOBlock", "ITPNAttention", "SwiGLU", "UTPTrackSBlock",
+__all__ = ["UTPTrackOBlock", "FusedUTPTrackOBlock", "UTPTrackOViT", "FusedUTPTrackOViT", "UTPTrackO",
+           "FusedUTPTrackO", "build_utptrack_o", "ITPNAttention", "SwiGLU", "UTPTrackSBlock",
            "FusedUTPTrackSBlock", "prune_groups", "UTPTRACK_O_LOCS", "UTPTRACK_S_LOCS"]
 
 # (ce_loc, ce_keep, dte_loc, dte_keep, ste_loc, ste_keep) of the released configurations
@@ -476,3 +483,218 @@ class FusedUTPTrackSBlock(UTPTrackSBlock):
         for k in ("_qkv_c", "_w12_c", "_proj_c", "_w3_c"):
             state[k] = _Derived()
         return state
+
+
+# --------------------------------------------------------------------------------------------
+# UTPTrack-O whole network: ViT-B backbone of UTPTrackOBlock + CENTER head
+# --------------------------------------------------------------------------------------------
+class UTPTrackOViT(nn.Module):
+    """UTPTrack-O backbone (reference): OSTrack's ViT-B/16 (``VisionTransformerCE`` keys:
+    ``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.{i}``, ``norm``, ``pos_embed_z``,
+    ``pos_embed_x``) with `UTPTrackOBlock` blocks on the layout ``[x, static z, dynamic z]``.
+
+    Choices (UTPTrack-O's code is not public): the dynamic template is embedded like the static one
+    (same patch embedding and ``pos_embed_z``, as OSTrack-lineage multi-template trackers do); global
+    indices are int64, static z ``0..Lz-1``, dynamic z ``Lz..2Lz-1``, search ``0..Lx-1``.
+
+    forward(template, dynamic_template, search, ce_template_mask=None, z_indicate_mask=None) ->
+    ``(search tokens [B, Lx, C] re-padded after the final norm (zeros where eliminated),
+    kept template tokens [B, Lsz' + Ldz', C], aux)``, aux = ``{"kept_indexes": [gi_x, gi_sz, gi_dz],
+    "removed_indexes_s": [...]}`` (search tokens removed at each CE block).
+    """
+
+    block_cls = UTPTrackOBlock
+
+    def __init__(self, template_size=128, search_size=256, patch_size=16, in_chans=3, embed_dim=768, depth=12,
+                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, pretrain_img_size=224,
+                 locs=None):
+        super().__init__()
+        for name, size in (("template_size", template_size), ("search_size", search_size)):
+            if size % patch_size:
+                raise ValueError(f"`{name}` ({size}) must be a multiple of `patch_size` ({patch_size})")
+        locs = dict(UTPTRACK_O_LOCS if locs is None else locs)
+        missing = sorted(set(UTPTRACK_O_LOCS) - set(locs))
+        if missing:
+            raise ValueError(f"`locs` lacks {missing} (see UTPTRACK_O_LOCS)")
+        for k in ("ce_loc", "dte_loc", "ste_loc"):
+            bad = [i for i in locs[k] if not 0 <= i]
+            if bad:
+                raise ValueError(f"`locs[{k!r}]` has negative block indices {bad}")
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.patch_size, self.embed_dim = patch_size, embed_dim
+        self.feat_sz_z, self.feat_sz_x = template_size // patch_size, search_size // patch_size
+        self.ce_loc = [i for i in locs["ce_loc"] if i < depth]
+        self.patch_embed = PatchEmbed(pretrain_img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+
+        def ratio(i, loc, keep):
+            return float(locs[keep]) if i in locs[loc] else 1.0
+        self.blocks = nn.Sequential(*[
+            self.block_cls(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i], norm_layer=norm_layer,
+                           keep_ratio_x=ratio(i, "ce_loc", "ce_keep"), keep_ratio_dz=ratio(i, "dte_loc", "dte_keep"),
+                           keep_ratio_sz=ratio(i, "ste_loc", "ste_keep"))
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        self.pos_embed_z = nn.Parameter(torch.zeros(1, self.feat_sz_z ** 2, embed_dim))
+        self.pos_embed_x = nn.Parameter(torch.zeros(1, self.feat_sz_x ** 2, embed_dim))
+        for p in (self.cls_token, self.pos_embed, self.pos_embed_z, self.pos_embed_x):
+            nn.init.trunc_normal_(p, std=0.02)
+        self.apply(_init_vit)
+
+    def _check_image(self, name, t, feat):
+        n = feat * self.patch_size
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[-2:]) != (n, n):
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"`{name}` must be an image [B, 3, {n}, {n}] (the size its positional embedding "
+                             f"was built for), got {got}")
+
+    def embed_template(self, template):
+        """Patch + positional embedding of one template image ``[B, Lz, C]``: search-independent,
+        so `UTPTrackO.track` can reuse it across frames."""
+        return self.patch_embed(template) + self.pos_embed_z
+
+    def _blocks(self, x, sz, dz, ce_template_mask, z_indicate_mask):
+        B, lx, lz = x.shape[0], x.shape[1], sz.shape[1]
+        dev = x.device
+        gi_x = torch.arange(lx, device=dev).expand(B, lx).contiguous()
+        gi_sz = torch.arange(lz, device=dev).expand(B, lz).contiguous()
+        gi_dz = torch.arange(lz, lz + dz.shape[1], device=dev).expand(B, dz.shape[1]).contiguous()
+        if z_indicate_mask is not None and z_indicate_mask.dtype != torch.bool and not z_indicate_mask.is_floating_point():
+            raise TypeError(f"`z_indicate_mask` must be bool or floating, got {z_indicate_mask.dtype}")
+        tokens = torch.cat([x, sz, dz], dim=1)
+        removed = []
+        for i, blk in enumerate(self.blocks):
+            tokens, gi_sz, gi_dz, _, _, gi_x, rx, _, ce_template_mask, z_indicate_mask = blk(
+                tokens, gi_sz, gi_dz, gi_x, None, ce_template_mask, z_indicate_mask=z_indicate_mask)
+            if i in self.ce_loc and rx is not None:
+                removed.append(rx)
+        return self.norm(tokens), gi_x, gi_sz, gi_dz, removed
+
+    def _repad(self, xs, gi_x, removed):
+        return VisionTransformerCE._repad(self, xs, gi_x, removed, self.pos_embed_x.shape[1])
+
+    def forward_embedded(self, x_img, sz, dz, ce_template_mask=None, z_indicate_mask=None):
+        """The backbone after template embedding: ``sz`` / ``dz`` are `embed_template` outputs."""
+        self._check_image("search", x_img, self.feat_sz_x)
+        x = self.patch_embed(x_img) + self.pos_embed_x
+        tokens, gi_x, gi_sz, gi_dz, removed = self._blocks(x, sz, dz, ce_template_mask, z_indicate_mask)
+        lx = gi_x.shape[1]
+        xs = tokens[:, :lx]
+        if lx != self.pos_embed_x.shape[1]:
+            xs = self._repad(xs, gi_x, removed)
+        return xs, tokens[:, lx:], {"kept_indexes": [gi_x, gi_sz, gi_dz], "removed_indexes_s": removed}
+
+    def forward(self, template, dynamic_template, search, ce_template_mask=None, z_indicate_mask=None):
+        self._check_image("template", template, self.feat_sz_z)
+        self._check_image("dynamic_template", dynamic_template, self.feat_sz_z)
+        self._check_image("search", search, self.feat_sz_x)
+        return self.forward_embedded(search, self.embed_template(template), self.embed_template(dynamic_template),
+                                     ce_template_mask, z_indicate_mask)
+
+
+class FusedUTPTrackOViT(UTPTrackOViT):
+    """`UTPTrackOViT` on `FusedUTPTrackOBlock` and `pad_scatter` re-padding; same keys."""
+
+    block_cls = FusedUTPTrackOBlock
+
+    @classmethod
+    def from_reference(cls, ref: UTPTrackOViT) -> "FusedUTPTrackOViT":
+        if not isinstance(ref, UTPTrackOViT):
+            raise TypeError(f"{cls.__name__}.from_reference: `ref` must be a UTPTrackOViT, got {type(ref).__name__}")
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        for k in ("patch_size", "embed_dim", "feat_sz_z", "feat_sz_x", "ce_loc", "patch_embed", "norm",
+                  "cls_token", "pos_embed", "pos_embed_z", "pos_embed_x"):
+            setattr(m, k, getattr(ref, k))
+        m.blocks = nn.Sequential(*[FusedUTPTrackOBlock.from_reference(b) for b in ref.blocks])
+        m.train(ref.training)
+        return m
+
+    def _repad(self, xs, gi_x, removed):
+        return pad_scatter(xs.contiguous(), gi_x, self.pos_embed_x.shape[1])
+
+
+class UTPTrackO(nn.Module):
+    """UTPTrack-O network (reference): `UTPTrackOViT` ``backbone`` + CENTER ``box_head`` on the
+    re-padded search tokens.
+
+    forward(template, dynamic_template, search, ce_template_mask=None, z_indicate_mask=None) -> dict
+    with ``pred_boxes [B, 1, 4]``, ``score_map``, ``size_map``, ``offset_map``, ``backbone_feat``
+    (``[B, Lx + Lsz' + Ldz', C]``: re-padded search tokens, then the kept template tokens),
+    ``kept_indexes`` (``[gi_x, gi_sz, gi_dz]``) and ``removed_indexes_s``.
+    """
+
+    def __init__(self, backbone: UTPTrackOViT, box_head):
+        super().__init__()
+        self.backbone, self.box_head = backbone, box_head
+        self.feat_sz_s = int(box_head.feat_sz)
+        self.feat_len_s = self.feat_sz_s ** 2
+        if backbone.feat_sz_x != self.feat_sz_s:
+            raise ValueError(f"`box_head.feat_sz` ({self.feat_sz_s}) must equal the search feature size "
+                             f"({backbone.feat_sz_x})")
+
+    def _finish(self, xs, zs, aux):
+        out = OSTrack.forward_head(self, xs)  # the head reads the last feat_sz^2 tokens: all of xs
+        out.update(aux)
+        out["backbone_feat"] = torch.cat([xs, zs], dim=1)
+        return out
+
+    def forward(self, template, dynamic_template, search, ce_template_mask=None, z_indicate_mask=None):
+        return self._finish(*self.backbone(template, dynamic_template, search, ce_template_mask, z_indicate_mask))
+
+    def example_inputs(self, batch=1, dtype=torch.float32, generator=None):
+        """Random ``(template, dynamic_template, search, ce_template_mask)`` of this network's sizes."""
+        t, s = self.backbone.feat_sz_z * self.backbone.patch_size, self.backbone.feat_sz_x * self.backbone.patch_size
+        imgs = [torch.randn(batch, 3, n, n, generator=generator).to(dtype) for n in (t, t, s)]
+        return (*imgs, ctr_point_mask(batch, self.backbone.feat_sz_z))
+
+    def track(self, search, template=None, dynamic_template=None, ce_template_mask=None, z_indicate_mask=None):
+        """Opt-in per-frame API that reuses template work across frames.
+
+        Exactness: only the search-independent part is reused — the patch + positional embedding of
+        each template image. Every block mixes template and search tokens in attention, and CE / DTE
+        / STE select template tokens with search-dependent scores, so nothing after the embedding
+        can be reused exactly. Pass ``template`` / ``dynamic_template`` to (re)set an image
+        (a new dynamic template on update frames); ``None`` reuses the cached embedding. The cache
+        holds tensors computed with the weights of that call: give the images again after changing
+        the weights. The result equals ``forward(last template, last dynamic_template, search,
+        ...)`` exactly (same ops on the same values).
+        """
+        bb = self.backbone
+        if template is not None:
+            bb._check_image("template", template, bb.feat_sz_z)
+            self._track_sz = bb.embed_template(template)
+        if dynamic_template is not None:
+            bb._check_image("dynamic_template", dynamic_template, bb.feat_sz_z)
+            self._track_dz = bb.embed_template(dynamic_template)
+        sz, dz = getattr(self, "_track_sz", None), getattr(self, "_track_dz", None)
+        if sz is None or dz is None:
+            raise ValueError("track: pass `template` and `dynamic_template` on the first call")
+        if sz.shape[0] != search.shape[0] or dz.shape[0] != search.shape[0]:
+            raise ValueError(f"track: `search` has batch {search.shape[0]}, the cached templates "
+                             f"{sz.shape[0]} / {dz.shape[0]}")
+        return self._finish(*bb.forward_embedded(search, sz, dz, ce_template_mask, z_indicate_mask))
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state.pop("_track_sz", None)
+        state.pop("_track_dz", None)
+        return state
+
+
+class FusedUTPTrackO(UTPTrackO):
+    """`UTPTrackO` with the fused backbone and the BN-folded head (same keys, forward, outputs)."""
+
+    @classmethod
+    def from_reference(cls, ref: UTPTrackO) -> "FusedUTPTrackO":
+        return cls(FusedUTPTrackOViT.from_reference(ref.backbone), FusedCenterPredictor.from_reference(ref.box_head))
+
+
+def build_utptrack_o(depth=12, head_channels=256, template_size=128, search_size=256, **backbone_kw) -> UTPTrackO:
+    """UTPTrack-O on ViT-B/16 at the released pruning locations (`UTPTRACK_O_LOCS`); ``depth`` < 12
+    builds a reduced variant (locations beyond it are dropped)."""
+    bb = UTPTrackOViT(template_size, search_size, depth=depth, **backbone_kw)
+    return UTPTrackO(bb, CenterPredictor(inplanes=bb.embed_dim, channel=head_channels, feat_sz=bb.feat_sz_x,
+                                         stride=16))
