@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from fasttrack.nn.head import CenterPredictor, FusedCenterPredictor
-from fasttrack.nn.vit import Attention, FusedBlock, Mlp, drop_path_or_identity, share_block_parts
+from fasttrack.nn.vit import Block, FusedBlock, share_block_parts
 from fasttrack.ops import pad_scatter, topk_select, topk_select_qk
 from fasttrack.reference import keep_count
 
@@ -115,7 +115,7 @@ def _check_index(t, name: str, batch: int):
 # --------------------------------------------------------------------------------------------
 # CE blocks
 # --------------------------------------------------------------------------------------------
-class CEBlock(nn.Module):
+class CEBlock(Block):
     """OSTrack ``CEBlock`` (reference): attention, CE of the search tokens, MLP.
 
     forward(x, global_index_template, global_index_search, mask=None, ce_template_mask=None,
@@ -125,12 +125,7 @@ class CEBlock(nn.Module):
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, drop=0.0, attn_drop=0.0, drop_path=0.0,
                  act_layer=nn.GELU, norm_layer=nn.LayerNorm, keep_ratio_search=1.0):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
-        self.drop_path = drop_path_or_identity(drop_path)
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path, act_layer, norm_layer)
         self.keep_ratio_search = keep_ratio_search
 
     def _ce(self, x, scorer, global_index_template, global_index_search, ce_template_mask, keep_ratio_search):

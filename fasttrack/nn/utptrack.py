@@ -45,7 +45,7 @@ from fasttrack.nn.ostrack import (
 )
 from fasttrack.ops import pad_scatter
 from fasttrack.nn.vit import (
-    Attention, FusedBlock, Mlp, _identity_like, drop_path_of, drop_path_or_identity, sdpa_is_faster,
+    Block, FusedBlock, _identity_like, drop_path_of, drop_path_or_identity, sdpa_is_faster,
     share_block_parts,
 )
 
@@ -139,7 +139,7 @@ def _out(res, attn):
 # --------------------------------------------------------------------------------------------
 # UTPTrack-O
 # --------------------------------------------------------------------------------------------
-class UTPTrackOBlock(nn.Module):
+class UTPTrackOBlock(Block):
     """UTPTrack-O block (reference): OSTrack CEBlock structure (keys ``norm1, attn.qkv, attn.proj,
     norm2, mlp.fc1, mlp.fc2``) with CE / DTE / STE on ``[x, static z, dynamic z]``.
 
@@ -151,12 +151,7 @@ class UTPTrackOBlock(nn.Module):
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, drop=0.0, attn_drop=0.0, drop_path=0.0,
                  act_layer=nn.GELU, norm_layer=nn.LayerNorm, keep_ratio_x=1.0, keep_ratio_dz=1.0, keep_ratio_sz=1.0):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
-        self.drop_path = drop_path_or_identity(drop_path)
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path, act_layer, norm_layer)
         self.keep_ratio_x, self.keep_ratio_dz, self.keep_ratio_sz = keep_ratio_x, keep_ratio_dz, keep_ratio_sz
 
     def _prune(self, x, scorer, gi_sz, gi_dz, gi_x, ce_template_mask, kx, kdz, ksz, z_indicate_mask):
