@@ -110,6 +110,9 @@ def patch_model(model: nn.Module, include: Iterable[str] | None = None, exclude:
             raise TypeError(f"patch_model: `{arg}` must be an iterable of strings, not a single string")
     include = None if include is None else list(include)
     exclude = [] if exclude is None else list(exclude)
+    # every family module registers its recognisers when imported; importing them here (not at the
+    # top: they import this module) makes the table complete after a plain `import fasttrack`
+    import fasttrack.nn  # noqa: F401
     report = PatchReport()
 
     def visit(parent: nn.Module, prefix: str):

@@ -355,3 +355,18 @@ def test_patch_official_structure_utptrack_s_block():
     bad[0].attn.relative_position_bias_table = nn.Parameter(torch.zeros(3, 4))
     report = patch_model(bad)
     assert report.swapped == [] and "relative position bias" in report.skipped[0][2]
+
+
+def test_every_family_recogniser_is_registered_in_a_fresh_process():
+    """After a plain `import fasttrack`, patch_model knows all four families' structures."""
+    import subprocess
+    import sys
+    code = ("import torch, fasttrack\n"
+            "fasttrack.patch_model(torch.nn.Linear(2, 2))\n"
+            "from fasttrack.patch import recognizers\n"
+            "print(' '.join(r.name for r in recognizers()))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    names = r.stdout.split()
+    for prefix in ("ostrack.", "utptrack_o.", "utptrack_s.", "etctrack.", "abtrack.", "compresstracker."):
+        assert any(n.startswith(prefix) for n in names), (prefix, names)
