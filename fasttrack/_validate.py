@@ -26,7 +26,14 @@ def tensor(t, op: str, name: str, *, ndim: int | None = None, dtypes=None, devic
     if device is not None and t.device != device:
         raise ValueError(f"fasttrack.{op}: `{name}` must be on {device} (like the other inputs), got {t.device}")
     if shape is not None:
-        ok = len(shape) == t.dim() and all(s is None or s == d for s, d in zip(shape, t.shape))
+        # a plain loop: these checks run on every op call, and a generator costs ~1 µs here
+        ts = t.shape
+        ok = len(shape) == len(ts)
+        if ok:
+            for s, d in zip(shape, ts):
+                if s is not None and s != d:
+                    ok = False
+                    break
         if not ok:
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             raise ValueError(f"fasttrack.{op}: `{name}` must have shape {want}, got {list(t.shape)}")
@@ -41,5 +48,5 @@ def ratio(r: float, op: str, name: str = "keep_ratio") -> None:
         raise ValueError(f"fasttrack.{op}: `{name}` must be in (0, 1], got {r!r}")
 
 
-def floating(t, op: str, name: str, **kw) -> None:
-    tensor(t, op, name, dtypes=FLOAT_DTYPES, **kw)
+def floating(t, op: str, name: str, *, ndim: int | None = None, device=None, shape: tuple | None = None) -> None:
+    tensor(t, op, name, ndim=ndim, dtypes=FLOAT_DTYPES, device=device, shape=shape)
