@@ -132,17 +132,24 @@ class Attention(nn.Module):
         return (x, attn) if return_attention else x
 
 
+def _init_block_parts(m, attn_cls, mlp_cls, dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path,
+                      act_layer, norm_layer):
+    """The pre-norm block's submodules (keys norm1, attn, norm2, mlp), shared by `Block` and `FusedBlock`."""
+    m.norm1 = norm_layer(dim)
+    m.attn = attn_cls(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+    m.drop_path = drop_path_or_identity(drop_path)
+    m.norm2 = norm_layer(dim)
+    m.mlp = mlp_cls(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+
 class Block(nn.Module):
     """Pre-norm ViT block (OSTrack ``vit.py::Block``): x + attn(norm1(x)); x + mlp(norm2(x))."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, drop=0.0, attn_drop=0.0, drop_path=0.0,
                  act_layer=nn.GELU, norm_layer=nn.LayerNorm):
         super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
-        self.drop_path = drop_path_or_identity(drop_path)
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        _init_block_parts(self, Attention, Mlp, dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path,
+                          act_layer, norm_layer)
 
     def forward(self, x, mask=None, return_attention=False):
         if return_attention:
@@ -317,11 +324,8 @@ class FusedBlock(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, drop=0.0, attn_drop=0.0, drop_path=0.0,
                  act_layer=nn.GELU, norm_layer=nn.LayerNorm):
         super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = FusedAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
-        self.drop_path = drop_path_or_identity(drop_path)
-        self.norm2 = norm_layer(dim)
-        self.mlp = FusedMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        _init_block_parts(self, FusedAttention, FusedMlp, dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop,
+                          drop_path, act_layer, norm_layer)
 
     @classmethod
     def from_reference(cls, ref_module: nn.Module) -> "FusedBlock":
