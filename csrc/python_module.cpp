@@ -1,7 +1,74 @@
-// fasttrack._C as a Python extension module: an empty module whose import loads this shared library,
-// and with it the op registrations of csrc/module.cpp and csrc/{cpu,cuda}/*.cpp. Kept apart so that
-// CMake can build the same sources without Python (its C++ test loads the library with dlopen).
-#include <Python.h>
+// fasttrack._C as a Python extension module. Importing it loads this shared library, and with it the
+// op registrations of csrc/module.cpp and csrc/{cpu,cuda}/*.cpp. Kept apart so that CMake can build the
+// same sources without Python (its C++ test loads the library with dlopen).
+//
+// `fasttrack._C.cpu.<op>`: the op's registered CPU kernel, called through the dispatcher's unboxed
+// C++ redispatch. fasttrack/ops/_registry.py uses it for plain CPU inference calls (no autograd,
+// tracing, dispatch mode or functorch transform active). The boxed Python path (`OpOverload.redispatch`)
+// converts every argument against the schema, ~2 µs a call, as long as a tracker-sized kernel; this
+// path costs a pybind11 call. It runs the same kernel, releases the GIL like torch ops do, and
+// records a profiler event under the op's name.
+#include <ATen/record_function.h>
+#include <torch/extension.h>
 
-static PyModuleDef fasttrack_C_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fasttrack_C_module); }
+#include <string>
+#include <type_traits>
+
+namespace {
+
+namespace py = pybind11;
+
+// pybind11 has no caster for c10::string_view: take a std::string and view it.
+template <typename T>
+struct PyArg {
+  using type = T;
+};
+template <>
+struct PyArg<c10::string_view> {
+  using type = std::string;
+};
+
+template <typename Sig>
+struct CpuKernel;
+
+template <typename Ret, typename... Args>
+struct CpuKernel<Ret(Args...)> {
+  // Binds fasttrack::<name>; `typed` checks Sig against the registered schema at import.
+  static void def(py::module_& m, const char* name) {
+    const std::string qualname = std::string("fasttrack::") + name;
+    auto op = c10::Dispatcher::singleton().findSchemaOrThrow(qualname.c_str(), "").typed<Ret(Args...)>();
+    m.def(
+        name,
+        [op, qualname](typename PyArg<std::decay_t<Args>>::type... args) -> Ret {
+          RECORD_FUNCTION(qualname.c_str(), std::vector<c10::IValue>());
+          return op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), args...);
+        },
+        py::call_guard<py::gil_scoped_release>());
+  }
+};
+
+using Tensor = at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+using Selection = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  auto cpu = m.def_submodule("cpu", "Registered CPU kernels, called without the boxed Python dispatch");
+  CpuKernel<Selection(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                      const OptTensor&, int64_t, int64_t, double)>::def(cpu, "topk_select");
+  CpuKernel<Selection(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                      const OptTensor&, const OptTensor&, int64_t, int64_t, double, double)>::def(cpu,
+                                                                                                  "topk_select_qk");
+  CpuKernel<Tensor(const Tensor&, const Tensor&, c10::string_view, bool)>::def(cpu, "gather_tokens");
+  CpuKernel<Tensor(const Tensor&, const Tensor&, int64_t, c10::string_view, at::IntArrayRef, bool)>::def(
+      cpu, "pad_scatter");
+  CpuKernel<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
+                                                       const OptTensor&, double, c10::string_view)>::def(
+      cpu, "merge_tokens");
+  CpuKernel<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&)>::def(cpu, "cosine_argmax");
+  CpuKernel<Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
+                   const OptTensor&, double, bool)>::def(cpu, "pruned_linear");
+  CpuKernel<Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, double, bool)>::def(
+      cpu, "_pruned_linear_gather");
+}

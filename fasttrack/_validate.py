@@ -9,8 +9,14 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check(cond: bool, op: str, msg: str) -> None:
+    """For constant messages; a message that formats values goes through `fail` under an `if`, so
+    the string is built only on failure (these checks run on every op call)."""
     if not cond:
-        raise ValueError(f"fasttrack.{op}: {msg}")
+        fail(op, msg)
+
+
+def fail(op: str, msg: str):
+    raise ValueError(f"fasttrack.{op}: {msg}")
 
 
 def tensor(t, op: str, name: str, *, ndim: int | None = None, dtypes=None, device=None,

@@ -32,8 +32,14 @@ def _validate(name: str) -> str:
 _ENV_BACKEND = os.environ.get("FASTTRACK_BACKEND", "auto") or "auto"
 
 
+# How many `use_backend` blocks are open in any thread: while none is, the thread-local lookup
+# (~0.4 µs) is skipped.
+_overrides = 0
+_overrides_lock = threading.Lock()
+
+
 def current_backend() -> str:
-    name = getattr(_state, "name", None)
+    name = getattr(_state, "name", None) if _overrides else None
     if name is None:
         name = _ENV_BACKEND if _ENV_BACKEND in BACKENDS else _validate(_ENV_BACKEND)
     return name
@@ -42,9 +48,14 @@ def current_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the enclosed op calls (this thread) on backend `name`."""
+    global _overrides
     prev = getattr(_state, "name", None)
     _state.name = _validate(name)
+    with _overrides_lock:
+        _overrides += 1
     try:
         yield
     finally:
         _state.name = prev
+        with _overrides_lock:
+            _overrides -= 1

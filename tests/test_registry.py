@@ -9,7 +9,7 @@ import torch
 
 import fasttrack
 from fasttrack import _extension
-from fasttrack.ops._registry import REGISTRY, serving_kernel
+from fasttrack.ops._registry import REGISTRY, dispatch, serving_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_OPS = ["topk_select", "topk_select_qk", "gather_tokens", "pad_scatter", "merge_tokens", "cosine_argmax",
@@ -173,3 +173,43 @@ def test_inference_fast_path_only_for_plain_cpu_calls():
     out = fasttrack.pad_scatter(kept, idx, 5)
     out.sum().backward()  # the autograd path still runs when a gradient is needed
     assert torch.equal(kept.grad, torch.ones_like(kept))
+
+
+@pytest.mark.skipif(not _extension.loaded, reason="needs fasttrack._C")
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_plain_cpu_calls_run_the_cpp_kernel_and_check_only_on_failure(name, monkeypatch):
+    """The fast path calls `fasttrack._C.cpu.<op>` (the registered CPU kernel without the boxed
+    dispatch) and skips the Python check; when the kernel raises, the Python check runs so bad
+    metadata still gets the documented message."""
+    from fasttrack import _C
+    op = REGISTRY[name]
+    assert op.cpu_kernel is getattr(_C.cpu, name)
+    case = op.cases("cpu", torch.float32)[0]
+    calls = {"kernel": 0, "check": 0}
+    kernel, check = op.cpu_kernel, op.check
+
+    def counting_kernel(*a):
+        calls["kernel"] += 1
+        return kernel(*a)
+
+    def counting_check(*a):
+        calls["check"] += 1
+        return check(*a)
+
+    monkeypatch.setattr(op, "_cpu_kernel", counting_kernel)
+    monkeypatch.setattr(op, "check", counting_check)
+    with torch.no_grad():
+        expected = op.overload(*case.args)
+        got = dispatch(name, *case.args)
+    assert calls == {"kernel": 1, "check": 0}
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+        assert torch.equal(g, e)
+    # every tensor argument with the wrong dtype (floating <-> int64): the kernel must refuse it
+    # too, and the message is the Python check's
+    positions = [i for i, a in enumerate(case.args) if isinstance(a, torch.Tensor)]
+    for i in positions:
+        a = case.args[i]
+        bad = case.args[:i] + (a.long() if a.is_floating_point() else a.float(),) + case.args[i + 1:]
+        with torch.no_grad(), pytest.raises((ValueError, TypeError), match=rf"fasttrack\.{name}: `"):
+            dispatch(name, *bad)
+    assert calls == {"kernel": 1 + len(positions), "check": len(positions)}

@@ -108,11 +108,20 @@ void first_argmax(int64_t rows, int64_t cols, Value value, const T* row_scale, f
 
 at::ScalarType opmath(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+bool is_floating(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_tokens_cpu(
     const at::Tensor& z, const std::optional<at::Tensor>& score, const std::optional<at::Tensor>& proj,
     const std::optional<at::Tensor>& metric, double keep_ratio, c10::string_view reduce) {
   // Metadata is checked in Python (fasttrack/ops/merge_tokens.py::check_args); these guard the raw
   // pointer loops below when the op is called directly.
+  for (const at::Tensor* t : {&z, score ? &*score : nullptr, proj ? &*proj : nullptr, metric ? &*metric : nullptr}) {
+    TORCH_CHECK_TYPE(t == nullptr || is_floating(*t), "fasttrack.merge_tokens: `z`, `score`, `proj` and `metric` "
+                     "must be floating point, got ", t ? t->scalar_type() : at::kFloat);
+  }
   TORCH_CHECK_VALUE(z.dim() == 3, "fasttrack.merge_tokens: `z` must be [B, N, C]");
   const int64_t B = z.size(0), N = z.size(1), C = z.size(2);
   TORCH_CHECK_VALUE(score.has_value() != proj.has_value(),
@@ -244,6 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_tokens_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_argmax_cpu(const at::Tensor& src, const at::Tensor& dst) {
+  TORCH_CHECK_TYPE(is_floating(src) && is_floating(dst), "fasttrack.cosine_argmax: `src` and `dst` must be "
+                   "floating point, got ", src.scalar_type(), " and ", dst.scalar_type());
   TORCH_CHECK_VALUE(src.dim() == 3 && dst.dim() == 3 && src.size(0) == dst.size(0) && src.size(2) == dst.size(2),
                     "fasttrack.cosine_argmax: `src` [B, S, Cm] and `dst` [B, T, Cm] must agree in B and Cm");
   TORCH_CHECK_VALUE(dst.size(1) >= 1 || src.size(1) == 0, "fasttrack.cosine_argmax: `dst` has no rows");

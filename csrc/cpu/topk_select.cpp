@@ -47,8 +47,9 @@ Problem check_common(const char* op, const Tensor& x, const Tensor& query_index,
                      double keep_ratio, int64_t B, int64_t N, at::Device dev) {
   Problem p;
   p.op = op;
-  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) == B && x.size(1) == N, op, ": `x` must be [B=", B, ", N=", N,
-                    ", C], got ", x.sizes());
+  TORCH_CHECK_VALUE(is_floating(x) && x.dim() == 3 && x.size(0) == B && x.size(1) == N, op,
+                    ": `x` must be a floating [B=", B, ", N=", N, ", C] tensor, got ", x.scalar_type(), " ",
+                    x.sizes());
   TORCH_CHECK_VALUE(x.device() == dev, op, ": `x` must be on ", dev, ", got ", x.device());
   TORCH_CHECK_VALUE(query_index.dim() == 2 && query_index.size(0) == B && query_index.size(1) >= 1 &&
                         query_index.scalar_type() == at::kLong && query_index.device() == dev,

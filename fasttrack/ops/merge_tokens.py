@@ -29,7 +29,8 @@ def check_args(z, score, proj, metric, keep_ratio, reduce="sum"):
     op = "merge_tokens"
     v.floating(z, op, "z", ndim=3)
     B, N, C = z.shape
-    v.check(N >= 1, op, f"`z` must have at least one token, got shape {list(z.shape)}")
+    if N < 1:
+        v.fail(op, f"`z` must have at least one token, got shape {list(z.shape)}")
     v.check((score is None) != (proj is None), op, "give exactly one of `score` [B, N] and `proj` [C]")
     if score is not None:
         v.floating(score, op, "score", device=z.device, shape=(B, N))
@@ -38,7 +39,8 @@ def check_args(z, score, proj, metric, keep_ratio, reduce="sum"):
     if metric is not None:
         v.floating(metric, op, "metric", device=z.device, shape=(B, N, None))
     v.ratio(keep_ratio, op)
-    v.check(reduce in REDUCES, op, f"`reduce` must be one of {REDUCES}, got {reduce!r}")
+    if reduce not in REDUCES:
+        v.fail(op, f"`reduce` must be one of {REDUCES}, got {reduce!r}")
 
 
 def _fake(z, score, proj, metric, keep_ratio, reduce="sum"):
@@ -88,7 +90,7 @@ def _cases(device, dtype):
     return cases
 
 
-MERGE_TOKENS = register(OpDef("merge_tokens", SCHEMA, _fake, _setup_context, _backward,
+MERGE_TOKENS = register(OpDef("merge_tokens", SCHEMA, _fake, check_args, _setup_context, _backward,
                               triton="merge_tokens:merge_tokens", cases=_cases))
 
 
@@ -111,7 +113,7 @@ def _cases_argmax(device, dtype):
     return [CheckCase("ToMe/N320C768", (a.to(device, dtype), b.to(device, dtype)))]
 
 
-COSINE_ARGMAX = register(OpDef("cosine_argmax", SCHEMA_ARGMAX, _fake_argmax, triton="merge_tokens:cosine_argmax",
+COSINE_ARGMAX = register(OpDef("cosine_argmax", SCHEMA_ARGMAX, _fake_argmax, check_argmax, triton="merge_tokens:cosine_argmax",
                                cases=_cases_argmax))
 
 
@@ -119,15 +121,13 @@ def merge_tokens(z, keep_ratio, *, score=None, proj=None, metric=None, reduce="s
     """Compress ``z [B, N, C]`` to ``K = max(1, floor(keep_ratio·N))`` tokens: the top-K by score are
     targets, every other token is added into its most cosine-similar target. Give ``score [B, N]`` or
     the fixed projection ``proj [C]`` (score = z @ proj). Differentiable w.r.t. ``z``."""
-    check_args(z, score, proj, metric, keep_ratio, reduce)
-    return Merged(*dispatch("merge_tokens", z, score, proj, metric, float(keep_ratio), reduce))
+    return Merged(*dispatch("merge_tokens", z, score, proj, metric, keep_ratio, reduce))
 
 
 def cosine_argmax(src, dst):
     """For each row of ``src [B, S, Cm]`` the most cosine-similar row of ``dst [B, T, Cm]``:
     ``(max_similarity [B, S] float32, argmax [B, S] int64)``, ties to the lower index, zero rows
     similarity 0. Not differentiable (a matching, as ToMe computes it under no_grad)."""
-    check_argmax(src, dst)
     return dispatch("cosine_argmax", src, dst)
 
 
@@ -149,11 +149,11 @@ def bipartite_merge(x, r, metric=None, size=None, protected=0):
     op = "bipartite_merge"
     v.floating(x, op, "x", ndim=3)
     B, N, C = x.shape
-    v.check(isinstance(protected, int) and 0 <= protected <= N, op,
-            f"`protected` must be an int in [0, N={N}], got {protected!r}")
+    if not (isinstance(protected, int) and 0 <= protected <= N):
+        v.fail(op, f"`protected` must be an int in [0, N={N}], got {protected!r}")
     limit = (N - protected) // 2
-    v.check(isinstance(r, int) and 0 <= r <= limit, op,
-            f"`r` must be an int in [0, (N - protected) // 2 = {limit}] (N={N}, protected={protected}), got {r!r}")
+    if not (isinstance(r, int) and 0 <= r <= limit):
+        v.fail(op, f"`r` must be an int in [0, (N - protected) // 2 = {limit}] (N={N}, protected={protected}), got {r!r}")
     if metric is not None:
         v.floating(metric, op, "metric", ndim=3, device=x.device, shape=(B, N, None))
     if size is not None:

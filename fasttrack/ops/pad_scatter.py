@@ -34,26 +34,25 @@ LAYOUTS = ("tokens", "nchw")
 def check_gather(x, index, layout="tokens", check_index=True):
     op = "gather_tokens"
     if layout not in LAYOUTS:
-        v.check(False, op, f"`layout` must be one of {LAYOUTS}, got {layout!r}")
+        v.fail(op, f"`layout` must be one of {LAYOUTS}, got {layout!r}")
     v.floating(x, op, "x", ndim=3 if layout == "tokens" else 4)
     v.index(index, op, "index", ndim=2, device=x.device, shape=(x.shape[0], None))
     n = x.shape[1] if layout == "tokens" else x.shape[2] * x.shape[3]
     if index.shape[1] > n:
-        v.check(False, op, f"`index` selects {index.shape[1]} tokens but `x` has only {n}")
+        v.fail(op, f"`index` selects {index.shape[1]} tokens but `x` has only {n}")
 
 
 def check_scatter(kept, index, length, layout="tokens", hw=(), check_index=True):
     op = "pad_scatter"
     if layout not in LAYOUTS:
-        v.check(False, op, f"`layout` must be one of {LAYOUTS}, got {layout!r}")
+        v.fail(op, f"`layout` must be one of {LAYOUTS}, got {layout!r}")
     v.floating(kept, op, "kept", ndim=3)
     v.index(index, op, "index", ndim=2, device=kept.device, shape=tuple(kept.shape[:2]))
     # SymInt: under torch.compile with dynamic shapes the backward passes x.shape[1] as `length`
     if not (isinstance(length, (int, torch.SymInt)) and length >= kept.shape[1]):
-        v.check(False, op, f"`length` must be an int >= k={kept.shape[1]} (the number of kept tokens), "
-                           f"got {length!r}")
+        v.fail(op, f"`length` must be an int >= k={kept.shape[1]} (the number of kept tokens), got {length!r}")
     if layout == "nchw" and not (len(hw) == 2 and hw[0] * hw[1] == length):
-        v.check(False, op, f"`hw` must be (H, W) with H*W == length={length}, got {tuple(hw)}")
+        v.fail(op, f"`hw` must be (H, W) with H*W == length={length}, got {tuple(hw)}")
 
 
 def _fake_gather(x, index, layout="tokens", check_index=True):
@@ -125,9 +124,9 @@ def _cases(scatter):
     return cases
 
 
-GATHER_TOKENS = register(OpDef("gather_tokens", SCHEMA_GATHER, _fake_gather, _setup_gather, _backward_gather,
+GATHER_TOKENS = register(OpDef("gather_tokens", SCHEMA_GATHER, _fake_gather, check_gather, _setup_gather, _backward_gather,
                                cuda_cpp=True, cases=_cases(scatter=False)))
-PAD_SCATTER = register(OpDef("pad_scatter", SCHEMA_SCATTER, _fake_scatter, _setup_scatter, _backward_scatter,
+PAD_SCATTER = register(OpDef("pad_scatter", SCHEMA_SCATTER, _fake_scatter, check_scatter, _setup_scatter, _backward_scatter,
                              cuda_cpp=True, cases=_cases(scatter=True)))
 
 
@@ -136,7 +135,6 @@ def gather_tokens(x, index, layout="tokens", check_index=True):
     or ``[B, C, H, W]`` (``layout="nchw"``). Indices must be distinct per row and in range: always
     checked on CPU; on CUDA ``check_index=False`` skips the read-back of the device-side flag (a sync)
     — see this module's docstring for what is checked where."""
-    check_gather(x, index, layout, check_index)
     return dispatch("gather_tokens", x, index, layout, check_index)
 
 
@@ -146,5 +144,4 @@ def pad_scatter(kept, index, length, layout="tokens", hw=(), check_index=True):
     official OSTrack recipe promotes fp16/bf16 to fp32 because its zero pad is created as fp32).
     Index checks and ``check_index``: as `gather_tokens`."""
     hw = list(hw)
-    check_scatter(kept, index, length, layout, hw, check_index)
     return dispatch("pad_scatter", kept, index, length, layout, hw, check_index)

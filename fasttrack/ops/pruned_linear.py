@@ -21,18 +21,22 @@ def check_args(x, weight, bias, in_index, ln_weight=None, ln_bias=None, eps=1e-5
     d_in = x.shape[-1]
     v.floating(weight, op, "weight", ndim=2, device=x.device)
     # one GEMM dtype: the kernels multiply x's dtype by weight's (the reference upcasts both)
-    v.check(weight.dtype == x.dtype, op, f"`weight` must have x's dtype ({x.dtype}), got {weight.dtype}")
+    if weight.dtype != x.dtype:
+        v.fail(op, f"`weight` must have x's dtype ({x.dtype}), got {weight.dtype}")
     d_out, d_kept = weight.shape
     v.index(in_index, op, "in_index", ndim=1, device=x.device)
-    v.check(in_index.shape[0] == d_kept, op,
-            f"`weight.shape[1]` ({d_kept}) must equal len(in_index) ({in_index.shape[0]})")
-    v.check(d_kept <= d_in, op, f"`in_index` keeps {d_kept} dims but `x` has only d_in={d_in}")
+    if in_index.shape[0] != d_kept:
+        v.fail(op, f"`weight.shape[1]` ({d_kept}) must equal len(in_index) ({in_index.shape[0]})")
+    if d_kept > d_in:
+        v.fail(op, f"`in_index` keeps {d_kept} dims but `x` has only d_in={d_in}")
     if bias is not None:
         v.floating(bias, op, "bias", device=x.device, shape=(d_out,))
-        v.check(bias.dtype == x.dtype, op, f"`bias` must have x's dtype ({x.dtype}), got {bias.dtype}")
+        if bias.dtype != x.dtype:
+            v.fail(op, f"`bias` must have x's dtype ({x.dtype}), got {bias.dtype}")
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if t is not None:
-            v.check(normalize, op, f"`{name}` is given but normalize=False")
+            if not normalize:
+                v.fail(op, f"`{name}` is given but normalize=False")
             v.floating(t, op, name, device=x.device, shape=(d_in,))
 
 
@@ -102,7 +106,7 @@ def _cases(device, dtype):
     return cases
 
 
-PRUNED_LINEAR = register(OpDef("pruned_linear", SCHEMA, _fake, _setup_context, _backward,
+PRUNED_LINEAR = register(OpDef("pruned_linear", SCHEMA, _fake, check_args, _setup_context, _backward,
                                triton="pruned_linear:pruned_linear", cases=_cases))
 
 
@@ -129,5 +133,4 @@ def pruned_linear(x, weight, bias, in_index, norm=None):
     pruned; ``norm=(ln_weight, ln_bias, eps)`` fuses the LayerNorm in front (statistics over all
     ``d_in``). Differentiable w.r.t. x, weight, bias and the LayerNorm affine parameters."""
     ln_w, ln_b, eps = norm if norm is not None else (None, None, 1e-5)
-    check_args(x, weight, bias, in_index, ln_w, ln_b, eps, norm is not None)
-    return dispatch("pruned_linear", x, weight, bias, in_index, ln_w, ln_b, float(eps), norm is not None)
+    return dispatch("pruned_linear", x, weight, bias, in_index, ln_w, ln_b, eps, norm is not None)

@@ -29,15 +29,17 @@ def _check_common(op, x, query_index, query_weight, bonus, global_index, start, 
     v.floating(x, op, "x", ndim=3)
     B, N, _ = x.shape
     dev = x.device
-    v.check(n_rows == N, op, f"`x` has {N} tokens but the attention is over {n_rows}")
+    if n_rows != N:
+        v.fail(op, f"`x` has {N} tokens but the attention is over {n_rows}")
     v.index(query_index, op, "query_index", ndim=2, device=dev, shape=(B, None))
     R = query_index.shape[1]
     v.check(R >= 1, op, "`query_index` must hold at least one row")
     if query_weight is not None:
         v.floating(query_weight, op, "query_weight", device=dev, shape=(B, R))
-    v.check(isinstance(start, int) and isinstance(length, int) and start >= 0 and length >= 1,
-            op, f"`start` must be >= 0 and `length` >= 1, got start={start}, length={length}")
-    v.check(start + length <= N, op, f"`start + length` must be <= N={N}, got {start} + {length}")
+    if not (isinstance(start, int) and isinstance(length, int) and start >= 0 and length >= 1):
+        v.fail(op, f"`start` must be >= 0 and `length` >= 1, got start={start}, length={length}")
+    if start + length > N:
+        v.fail(op, f"`start + length` must be <= N={N}, got {start} + {length}")
     if bonus is not None:
         v.floating(bonus, op, "bonus", device=dev, shape=(B, length))
     if global_index is not None:
@@ -48,9 +50,11 @@ def _check_common(op, x, query_index, query_weight, bonus, global_index, start, 
 def check_args(attn, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio):
     v.floating(attn, "topk_select", "attn", ndim=4)
     B, H, N, N2 = attn.shape
-    v.check(N == N2, "topk_select", f"`attn` must be [B, H, N, N], got {list(attn.shape)}")
+    if N != N2:
+        v.fail("topk_select", f"`attn` must be [B, H, N, N], got {list(attn.shape)}")
     v.tensor(x, "topk_select", "x", device=attn.device)
-    v.check(x.dim() == 3 and x.shape[0] == B, "topk_select", f"`x` must be [B={B}, N, C], got {list(x.shape)}")
+    if not (x.dim() == 3 and x.shape[0] == B):
+        v.fail("topk_select", f"`x` must be [B={B}, N, C], got {list(x.shape)}")
     _check_common("topk_select", x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, N)
 
 
@@ -59,7 +63,8 @@ def check_args_qk(q, k, x, query_index, query_weight, bonus, global_index, start
     v.floating(q, op, "q", ndim=4)
     v.floating(k, op, "k", device=q.device, shape=tuple(q.shape))
     v.tensor(x, op, "x", device=q.device)
-    v.check(x.dim() == 3 and x.shape[0] == q.shape[0], op, f"`x` must be [B={q.shape[0]}, N, C], got {list(x.shape)}")
+    if not (x.dim() == 3 and x.shape[0] == q.shape[0]):
+        v.fail(op, f"`x` must be [B={q.shape[0]}, N, C], got {list(x.shape)}")
     _check_common(op, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, q.shape[2])
 
 
@@ -196,9 +201,9 @@ def _cases(qk):
     return cases
 
 
-TOPK_SELECT = register(OpDef("topk_select", SCHEMA, _fake, _setup_context, _backward,
+TOPK_SELECT = register(OpDef("topk_select", SCHEMA, _fake, check_args, _setup_context, _backward,
                              triton="topk_select:topk_select", cases=_cases(False)))
-TOPK_SELECT_QK = register(OpDef("topk_select_qk", SCHEMA_QK, _fake_qk, _setup_context_qk, _backward_qk,
+TOPK_SELECT_QK = register(OpDef("topk_select_qk", SCHEMA_QK, _fake_qk, check_args_qk, _setup_context_qk, _backward_qk,
                                 triton="topk_select:topk_select_qk", cases=_cases(True)))
 
 
@@ -209,9 +214,8 @@ def topk_select(attn, x, query_index, keep_ratio, *, start, length=None, query_w
     `fasttrack.reference.topk_select` for the exact semantics). ``length`` defaults to ``N - start``.
     Differentiable w.r.t. ``x``."""
     length = x.shape[1] - start if length is None else length
-    check_args(attn, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio)
     return Selection(*dispatch("topk_select", attn, x, query_index, query_weight, bonus, global_index,
-                               start, length, float(keep_ratio)))
+                               start, length, keep_ratio))
 
 
 def topk_select_qk(q, k, x, query_index, keep_ratio, *, start, length=None, scale=None, query_weight=None,
@@ -221,6 +225,5 @@ def topk_select_qk(q, k, x, query_index, keep_ratio, *, start, length=None, scal
     `scaled_dot_product_attention` and never build ``[B, H, N, N]``. ``scale`` defaults to D^-0.5."""
     length = x.shape[1] - start if length is None else length
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    check_args_qk(q, k, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, scale)
     return Selection(*dispatch("topk_select_qk", q, k, x, query_index, query_weight, bonus, global_index,
-                               start, length, float(keep_ratio), float(scale)))
+                               start, length, keep_ratio, scale))
