@@ -115,18 +115,26 @@ inline uint64_t rank_key(float s, uint32_t l) {
   return (static_cast<uint64_t>(~ascending) << 32) | l;
 }
 
-// Candidates are scored in chunks of this many columns: each column's reduction runs in the same
-// order whichever chunk or thread computes it, so chunks can be spread over threads even for B = 1.
+// Candidates are scored in chunks of columns: each column's reduction runs in the same order
+// (heads, then rows) whichever chunk or thread computes it, so the chunking never changes a score.
+// Narrow chunks spread a B = 1 call over the threads; with a batch row per thread, a chunk is the whole
+// candidate range, so every attention row is read once, front to back (kChunk-wide chunks walk each
+// row R·H times in 256-byte pieces, which the prefetcher follows badly at B = 32).
 constexpr int64_t kChunk = 64;
 
-// score[l] for l in [l0, l1) (<= kChunk columns) of batch row b: the sum over heads of (the sum over
-// rows of w_r * row_r[l]) / R, then / H, + bonus. `row(h, r)` points at candidate 0 of query row r
-// of head h.
+int64_t chunk_width(int64_t B, int64_t L) { return B >= at::get_num_threads() ? L : std::min(L, kChunk); }
+
+// score[l] for l in [l0, l1) of batch row b: the sum over heads of (the sum over rows of w_r *
+// row_r[l]) / R, then / H, + bonus. `row(h, r)` points at candidate 0 of query row r of head h.
 template <typename T, typename RowFn>
 void score_candidates(const Problem& p, int64_t b, int64_t H, RowFn row, int64_t l0, int64_t l1, float* score) {
   const int64_t R = p.R, n = l1 - l0;
   const float* w = p.query_weight.defined() ? p.query_weight.data_ptr<float>() + b * R : nullptr;
-  float acc[kChunk] = {}, head[kChunk];
+  thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(scratch.size()) < 2 * n) scratch.resize(2 * n);
+  float* __restrict__ acc = scratch.data();
+  float* __restrict__ head = acc + n;
+  std::fill(acc, acc + n, 0.f);
   const float fr = static_cast<float>(R);
   for (const auto h : c10::irange(H)) {
     std::fill(head, head + n, 0.f);
@@ -197,12 +205,12 @@ Outputs select_and_gather(const Problem& p, int64_t column_cost, ScoreFn score_c
   int64_t* rg = removed_g.data_ptr<int64_t>();
   std::vector<float> scores(K == L ? 0 : B * L);  // k == L: nothing removed, no score needed
   if (K != L) {
-    const int64_t chunks = (L + kChunk - 1) / kChunk;
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(column_cost * kChunk, 1));
+    const int64_t cw = chunk_width(B, L), chunks = (L + cw - 1) / cw;
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(column_cost * cw, 1));
     at::parallel_for(0, B * chunks, grain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / chunks, l0 = (i % chunks) * kChunk;
-        score_cols(b, l0, std::min(L, l0 + kChunk), scores.data() + b * L);
+        const int64_t b = i / chunks, l0 = (i % chunks) * cw;
+        score_cols(b, l0, std::min(L, l0 + cw), scores.data() + b * L);
       }
     });
   }
