@@ -182,105 +182,93 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_tokens_cpu(
   at::Tensor tgt = at::empty({B, K}, idx_opts), src = at::empty({B, S}, idx_opts);
   at::Tensor assignment = at::empty({B, S}, idx_opts);
   at::Tensor out = at::empty({B, K, C}, zf.options());
+  std::atomic<bool> nan{false};
 
   AT_DISPATCH_FLOATING_TYPES(acc, "merge_tokens_cpu", [&] {
     using T = scalar_t;
-    const T* zp = zf.data_ptr<T>();
-    const T* mp = mf.data_ptr<T>();
-    T* s = sf.data_ptr<T>();
-    // The inverse norm of every token's metric row.
-    std::vector<T> inv(B * N);
-    at::parallel_for(0, B * N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) {
-        const T* row = mp + r * Cm;
-        const T sq = dot(row, row, Cm);
-        inv[r] = inv_norm(sq);
-      }
-    });
-
-    int64_t* tp = tgt.data_ptr<int64_t>();
-    int64_t* sp = src.data_ptr<int64_t>();
-    std::atomic<bool> nan{false};
-    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<int64_t> order(N);
-      for (int64_t b = lo; b < hi; ++b) {
-        const T* sb = s + b * N;
-        for (int64_t i = 0; i < N; ++i)
-          if (std::isnan(sb[i])) nan = true;
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(), [sb](int64_t i, int64_t j) { return sb[i] > sb[j]; });
-        std::copy(order.begin(), order.begin() + K, tp + b * K);
-        std::copy(order.begin() + K, order.end(), sp + b * S);
-      }
-    });
-    TORCH_CHECK_VALUE(!nan, "fasttrack.merge_tokens: ",
-                      proj ? "the score `z @ proj` (from `z` or `proj`)" : "`score`",
-                      " contains NaN: the ranking is undefined");
-
-    int64_t* ap = assignment.data_ptr<int64_t>();
-    if (S > 0) {
-      // The argmax over targets of (s . t) / ||t|| is the cosine argmax: the source's own norm is a
-      // positive constant per row (a zero source scores 0 everywhere and takes slot 0, as the spec).
-      // The similarity GEMM (BLAS) runs on raw rows; when few tokens are sources it multiplies them
-      // against every token in place rather than copying the targets out first.
-      const bool all_columns = S * (N - K) <= 8 * K;
-      auto gather = [&](const int64_t* rows, int64_t R) {
-        at::Tensor g = at::empty({B, R, Cm}, mf.options());
-        T* gp = g.data_ptr<T>();
-        at::parallel_for(0, B * R, std::max<int64_t>(1, 32768 / std::max<int64_t>(Cm, 1)), [&](int64_t lo, int64_t hi) {
-          for (int64_t r = lo; r < hi; ++r)
-            std::copy_n(mp + ((r / R) * N + rows[r]) * Cm, Cm, gp + r * Cm);
-        });
-        return g;
-      };
-      const std::vector<at::Tensor> sims = batched_row_dots(gather(sp, S), all_columns ? mf : gather(tp, K));
-      std::vector<const T*> simp(B);
-      for (int64_t b = 0; b < B; ++b) simp[b] = sims[b].data_ptr<T>();
-      const int64_t ld = all_columns ? N : K;  // [S, N or K] per batch row
-      const T* invp = inv.data();
-      if (all_columns) {
-        first_argmax<T>(B * S, K, [&](int64_t r, int64_t k) {
-          const int64_t b = r / S, col = tp[b * K + k];
-          return simp[b][(r % S) * ld + col] * invp[b * N + col];
-        }, nullptr, nullptr, ap);
-      } else {
-        first_argmax<T>(B * S, K, [&](int64_t r, int64_t k) {
-          const int64_t b = r / S;
-          return simp[b][(r % S) * ld + k] * invp[b * N + tp[b * K + k]];
-        }, nullptr, nullptr, ap);
-      }
-    }
-
-    // Sources grouped by target (a stable counting sort): each target then sums its own sources in
-    // source order, so the parallel loop below has no shared writes.
-    std::vector<int64_t> start(B * (K + 1), 0), members(B * S);
-    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) {
-        int64_t* st = start.data() + b * (K + 1);
-        const int64_t* ab = ap + b * S;
-        for (int64_t i = 0; i < S; ++i) ++st[ab[i] + 1];
-        for (int64_t k = 0; k < K; ++k) st[k + 1] += st[k];
-        std::vector<int64_t> fill(st, st + K);
-        for (int64_t i = 0; i < S; ++i) members[b * S + fill[ab[i]]++] = i;
-      }
-    });
-
-    T* op = out.data_ptr<T>();
-    at::parallel_for(0, B * K, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) {
-        const int64_t b = r / K, k = r % K;
-        const T* zb = zp + b * N * C;
-        T* o = op + r * C;
-        std::copy_n(zb + tp[r] * C, C, o);
-        const int64_t* st = start.data() + b * (K + 1);
-        for (int64_t q = st[k]; q < st[k + 1]; ++q) add_row(o, zb + sp[b * S + members[b * S + q]] * C, C);
-        if (mean) {
-          const T cnt = static_cast<T>(1 + st[k + 1] - st[k]);
-          for (int64_t c = 0; c < C; ++c) o[c] /= cnt;
+    // One batch row, start to finish: rank, match, merge. With at least a row per thread the rows run
+    // in parallel and each one's z (~1 MB at T=5, L=64) stays in cache from the similarity GEMM to the
+    // merge; below that (B = 1 tracking) the loops inside a row take the threads instead (parallel
+    // loops and oneDNN run single-threaded inside a parallel region).
+    auto merge_row = [&](int64_t b) {
+      const T* zb = zf.data_ptr<T>() + b * N * C;
+      const T* mb = mf.data_ptr<T>() + b * N * Cm;
+      const T* sb = sf.data_ptr<T>() + b * N;
+      int64_t* tp = tgt.data_ptr<int64_t>() + b * K;
+      int64_t* sp = src.data_ptr<int64_t>() + b * S;
+      int64_t* ap = assignment.data_ptr<int64_t>() + b * S;
+      for (int64_t i = 0; i < N; ++i) {
+        if (std::isnan(sb[i])) {
+          nan = true;
+          return;
         }
       }
-    });
+      std::vector<int64_t> order(N);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [sb](int64_t i, int64_t j) { return sb[i] > sb[j]; });
+      std::copy(order.begin(), order.begin() + K, tp);
+      std::copy(order.begin() + K, order.end(), sp);
+      if (S > 0) {
+        // The argmax over targets of (s . t) / ||t|| is the cosine argmax: the source's own norm is
+        // a positive constant per row (a zero source scores 0 everywhere and takes slot 0, as the
+        // spec). The similarity GEMM runs on raw rows; when few tokens are sources it multiplies them
+        // against every token in place rather than copying the targets out first.
+        const bool all_columns = S * (N - K) <= 8 * K;
+        std::vector<T> inv(N);  // 1/||metric row||, only for the columns the argmax reads
+        at::parallel_for(0, all_columns ? N : K, std::max<int64_t>(1, 16384 / std::max<int64_t>(Cm, 1)),
+                         [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i) {
+            const int64_t row = all_columns ? i : tp[i];
+            inv[row] = inv_norm(dot(mb + row * Cm, mb + row * Cm, Cm));
+          }
+        });
+        auto gather = [&](const int64_t* rows, int64_t R) {
+          at::Tensor g = at::empty({R, Cm}, mf.options());
+          T* gp = g.data_ptr<T>();
+          for (int64_t r = 0; r < R; ++r) std::copy_n(mb + rows[r] * Cm, Cm, gp + r * Cm);
+          return g;
+        };
+        const at::Tensor sim = row_dots(gather(sp, S), all_columns ? mf[b] : gather(tp, K)).contiguous();
+        const T* simp = sim.data_ptr<T>();
+        const int64_t ld = sim.size(1);  // N or K
+        if (all_columns) {
+          first_argmax<T>(S, K, [&](int64_t r, int64_t k) { return simp[r * ld + tp[k]] * inv[tp[k]]; },
+                          nullptr, nullptr, ap);
+        } else {
+          first_argmax<T>(S, K, [&](int64_t r, int64_t k) { return simp[r * ld + k] * inv[tp[k]]; },
+                          nullptr, nullptr, ap);
+        }
+      }
+      // Sources grouped by target (a stable counting sort): each target then sums its own sources in
+      // source order, so the parallel loop below has no shared writes.
+      std::vector<int64_t> start(K + 1, 0), members(S), fill(K);
+      for (int64_t i = 0; i < S; ++i) ++start[ap[i] + 1];
+      for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
+      std::copy_n(start.begin(), K, fill.begin());
+      for (int64_t i = 0; i < S; ++i) members[fill[ap[i]]++] = i;
+      T* ob = out.data_ptr<T>() + b * K * C;
+      at::parallel_for(0, K, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t lo, int64_t hi) {
+        for (int64_t k = lo; k < hi; ++k) {
+          T* o = ob + k * C;
+          std::copy_n(zb + tp[k] * C, C, o);
+          for (int64_t q = start[k]; q < start[k + 1]; ++q) add_row(o, zb + sp[members[q]] * C, C);
+          if (mean) {
+            const T cnt = static_cast<T>(1 + start[k + 1] - start[k]);
+            for (int64_t c = 0; c < C; ++c) o[c] /= cnt;
+          }
+        }
+      });
+    };
+    if (B >= at::get_num_threads()) {
+      at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t b = lo; b < hi; ++b) merge_row(b);
+      });
+    } else {
+      for (int64_t b = 0; b < B; ++b) merge_row(b);
+    }
   });
+  TORCH_CHECK_VALUE(!nan, "fasttrack.merge_tokens: ", proj ? "the score `z @ proj` (from `z` or `proj`)" : "`score`",
+                    " contains NaN: the ranking is undefined");
   return {out.to(z.scalar_type()), tgt, src, assignment};
 }
 
