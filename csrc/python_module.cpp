@@ -11,6 +11,8 @@
 #include <ATen/record_function.h>
 #include <torch/extension.h>
 
+#include <fasttrack/output_cache.h>
+
 #include <string>
 #include <type_traits>
 
@@ -54,6 +56,9 @@ using Selection = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  m.def("output_cache_clear", &fasttrack::output_cache_clear, "Free the cached large-output buffers; bytes freed");
+  m.def("output_cache_bytes", &fasttrack::output_cache_bytes, "Bytes in free cached large-output buffers");
+  m.def("output_cache_limit", &fasttrack::output_cache_limit, "FASTTRACK_CPU_CACHE_MB, in bytes");
   auto cpu = m.def_submodule("cpu", "Registered CPU kernels, called without the boxed Python dispatch");
   CpuKernel<Selection(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                       const OptTensor&, int64_t, int64_t, double)>::def(cpu, "topk_select");

@@ -36,3 +36,16 @@ if not loaded:
 def cuda_built() -> bool:
     """True when `_C` was compiled with its CUDA kernels."""
     return loaded and bool(torch.ops.fasttrack._cuda_built())
+
+
+def empty_cache() -> int:
+    """Free the buffers of large CPU outputs (>= 32 MiB) that fasttrack keeps for reuse, as
+    `torch.cuda.empty_cache` does for PyTorch's CUDA allocator; returns the bytes freed. At most
+    ``FASTTRACK_CPU_CACHE_MB`` (default 512; 0 disables the cache) is kept. Why it exists:
+    `csrc/include/fasttrack/output_cache.h`."""
+    return int(_C.output_cache_clear()) if loaded else 0
+
+
+def cached_bytes() -> int:
+    """Bytes held in free cached output buffers (see `empty_cache`)."""
+    return int(_C.output_cache_bytes()) if loaded else 0

@@ -25,6 +25,8 @@ def report() -> str:
         lines.append(f"triton: not available ({type(e).__name__}: {e})")
     if _extension.loaded:
         lines.append(f"fasttrack._C: loaded (CUDA kernels built: {_extension.cuda_built()})")
+        lines.append(f"large-output cache: {_extension.cached_bytes() >> 20} MiB free buffers held, limit "
+                     f"{_extension._C.output_cache_limit() >> 20} MiB (FASTTRACK_CPU_CACHE_MB)")
     else:
         lines.append(f"fasttrack._C: NOT loaded — {_extension.load_error}")
     lines.append(f"backend: {current_backend()}  (FASTTRACK_BACKEND=auto|native|triton|reference)")

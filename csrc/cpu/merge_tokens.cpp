@@ -18,6 +18,8 @@
 #include <numeric>
 #include <vector>
 
+#include <fasttrack/output_cache.h>
+
 TORCH_LIBRARY_FRAGMENT(fasttrack, m) {
   m.def("merge_tokens(Tensor z, Tensor? score, Tensor? proj, Tensor? metric, float keep_ratio, str reduce=\"sum\") -> (Tensor merged, Tensor target_index, Tensor source_index, Tensor assignment)");
   m.def("cosine_argmax(Tensor src, Tensor dst) -> (Tensor max_similarity, Tensor argmax)");
@@ -181,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_tokens_cpu(
 
   at::Tensor tgt = at::empty({B, K}, idx_opts), src = at::empty({B, S}, idx_opts);
   at::Tensor assignment = at::empty({B, S}, idx_opts);
-  at::Tensor out = at::empty({B, K, C}, zf.options());
+  at::Tensor out = empty_output({B, K, C}, zf.options());
   std::atomic<bool> nan{false};
 
   AT_DISPATCH_FLOATING_TYPES(acc, "merge_tokens_cpu", [&] {

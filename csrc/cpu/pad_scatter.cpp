@@ -20,6 +20,7 @@
 #include <immintrin.h>
 #endif
 
+#include <fasttrack/output_cache.h>
 #include <fasttrack/pad_scatter.h>
 
 namespace fasttrack {
@@ -348,7 +349,7 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x_in, const at::Tensor& index_in,
   std::vector<int32_t> scratch(pb.length);
   check_rows("gather_tokens", index.const_data_ptr<int64_t>(), pb.batch, pb.k, pb.length, scratch.data(), false);
 
-  at::Tensor out = at::empty({pb.batch, pb.k, pb.channels}, x_in.options());
+  at::Tensor out = empty_output({pb.batch, pb.k, pb.channels}, x_in.options());
   if (out.numel() == 0) return out;
   // The source is (batch, token, channel) with strides (sb, st, sc) whatever the layout: rows when the
   // channels are contiguous (tokens layout, or a channels_last NCHW map), planes when the tokens are
@@ -394,8 +395,8 @@ at::Tensor pad_scatter_cpu(const at::Tensor& kept_in, const at::Tensor& index_in
   std::vector<int32_t> inv(pb.batch * pb.length);
   check_rows("pad_scatter", index.const_data_ptr<int64_t>(), pb.batch, pb.k, pb.length, inv.data(), true);
 
-  at::Tensor out = pb.nchw ? at::empty({pb.batch, pb.channels, hw[0], hw[1]}, kept_in.options())
-                           : at::empty({pb.batch, pb.length, pb.channels}, kept_in.options());
+  at::Tensor out = pb.nchw ? empty_output({pb.batch, pb.channels, hw[0], hw[1]}, kept_in.options())
+                           : empty_output({pb.batch, pb.length, pb.channels}, kept_in.options());
   if (out.numel() == 0) return out;
   // Rows only need unit channel stride: the tracker's kept tokens are often a slice x[:, lens_t:].
   const at::Tensor kept = kept_in.stride(2) == 1 ? kept_in : kept_in.contiguous();

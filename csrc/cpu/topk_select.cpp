@@ -17,6 +17,8 @@
 #include <tuple>
 #include <vector>
 
+#include <fasttrack/output_cache.h>
+
 TORCH_LIBRARY_FRAGMENT(fasttrack, m) {
   m.def("topk_select(Tensor attn, Tensor x, Tensor query_index, Tensor? query_weight, Tensor? bonus, Tensor? global_index, int start, int length, float keep_ratio) -> (Tensor tokens, Tensor keep_index, Tensor removed_index, Tensor keep_global, Tensor removed_global)");
   m.def("topk_select_qk(Tensor q, Tensor k, Tensor x, Tensor query_index, Tensor? query_weight, Tensor? bonus, Tensor? global_index, int start, int length, float keep_ratio, float scale) -> (Tensor tokens, Tensor keep_index, Tensor removed_index, Tensor keep_global, Tensor removed_global)");
@@ -196,7 +198,7 @@ template <typename ScoreFn>
 Outputs select_and_gather(const Problem& p, int64_t column_cost, ScoreFn score_cols) {
   const int64_t B = p.B, L = p.L, K = p.K;
   auto idx = p.x.options().dtype(at::kLong);
-  Tensor tokens = at::empty({B, p.N - L + K, p.C}, p.x.options());
+  Tensor tokens = empty_output({B, p.N - L + K, p.C}, p.x.options());
   Tensor keep = at::empty({B, K}, idx), removed = at::empty({B, L - K}, idx);
   Tensor keep_g = at::empty({B, K}, idx), removed_g = at::empty({B, L - K}, idx);
   int64_t* kp = keep.data_ptr<int64_t>();
