@@ -134,6 +134,21 @@ at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) {
   return at::mm(a, b.t());
 }
 
+at::Tensor score_gemv(const at::Tensor& rows, const at::Tensor& v) {
+  const int64_t M = rows.size(0), threads = at::get_num_threads();
+  const int64_t block = std::max<int64_t>(64, (M + threads * 64 - 1) / (threads * 64) * 64);
+  at::Tensor out = at::empty({M}, rows.options());
+  if (threads == 1 || M <= block) return at::mv_out(out, rows, v);
+  at::parallel_for(0, (M + block - 1) / block, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t r0 = i * block, r1 = std::min(M, r0 + block);
+      at::Tensor o = out.slice(0, r0, r1);
+      at::mv_out(o, rows.slice(0, r0, r1), v);
+    }
+  });
+  return out;
+}
+
 // row_dots per batch row: a [B, R, Cm], b [B, Q, Cm] -> B tensors [R, Q].
 std::vector<at::Tensor> batched_row_dots(const at::Tensor& a, const at::Tensor& b) {
   std::vector<at::Tensor> out;
@@ -169,6 +184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_tokens_cpu(
   TORCH_CHECK_VALUE(reduce == "sum" || reduce == "mean", "fasttrack.merge_tokens: `reduce` must be sum or mean");
   TORCH_CHECK_VALUE(N >= 1, "fasttrack.merge_tokens: `z` has no tokens");
 
+  // The ATen calls below are this kernel's internals: its gradient is the op's registered formula.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t K = merge_count(keep_ratio, N), S = N - K;
   const bool mean = reduce == "mean";
   const auto acc = opmath(z.scalar_type());
@@ -177,8 +194,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_tokens_cpu(
   at::Tensor mf = metric ? metric->to(acc).contiguous() : zf;
   at::Tensor pf = proj ? proj->to(acc).contiguous() : at::Tensor();
   // The score through the same BLAS gemv as the spec's `z @ proj`: near-equal scores then rank
-  // exactly as in the reference (a different summation order could swap them).
-  at::Tensor sf = proj ? at::matmul(zf, pf).contiguous() : score->to(acc).contiguous();
+  // exactly as in the reference (a different summation order could swap them). BLAS runs one gemv
+  // on one thread; split into blocks of 64 rows (a multiple of the gemv's row blocking, so every row
+  // keeps its bits: tests compare the ranking with the reference's) it runs on all of them.
+  at::Tensor sf = proj ? score_gemv(zf.view({B * N, C}), pf).view({B, N}) : score->to(acc).contiguous();
   const int64_t Cm = mf.size(2);
 
   at::Tensor tgt = at::empty({B, K}, idx_opts), src = at::empty({B, S}, idx_opts);
