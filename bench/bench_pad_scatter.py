@@ -2,8 +2,8 @@
 reference and torch.compile of it, on OSTrack-256 (L=256, k=89) and OSTrack-384 (L=576, k=199)
 search maps, C=768, B = 1 and 32, fp32 and bf16, both layouts. Bytes moved: kept tokens read once,
 the full map written once (scatter) / read-and-written kept rows (gather), plus the index.
-For layout "nchw" the reference returns a non-contiguous view (the token map transposed), while the
-native op writes the contiguous NCHW map the conv head consumes: the reference does less work there."""
+For layout "nchw" every provider returns the contiguous NCHW map the conv head consumes (the
+official code's transposed view is copied by the conv that reads it; the op fuses that copy)."""
 import pytest
 import torch
 

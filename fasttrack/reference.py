@@ -161,8 +161,9 @@ def pad_scatter(kept, index, length, layout="tokens", hw=(), check_index=True):
 
     ``kept [B, k, C]``, ``index [B, k]`` int64, distinct per row, in ``[0, length)``.
     ``layout="tokens"`` returns ``[B, length, C]``; ``layout="nchw"`` returns ``[B, C, H, W]`` with
-    ``hw = (H, W)``, ``H·W = length`` — the layout the conv box head consumes. Positions not in
-    ``index`` are exact zeros. The output has ``kept``'s dtype (the official recipe,
+    ``hw = (H, W)``, ``H·W = length`` — the layout the conv box head consumes, contiguous (the
+    official code's ``transpose``/``reshape`` view is made contiguous by the conv that reads it; the
+    op fuses that copy). Positions not in ``index`` are exact zeros. The output has ``kept``'s dtype (the official recipe,
     `official_pad_scatter`, promotes fp16/bf16 to fp32 because its zero pad is created as fp32;
     fasttrack does not).
     """
@@ -171,7 +172,7 @@ def pad_scatter(kept, index, length, layout="tokens", hw=(), check_index=True):
     out.scatter_(1, index.unsqueeze(-1).expand(B, k, C), kept)
     if layout == "nchw":
         H, W = hw
-        out = out.transpose(1, 2).reshape(B, C, H, W)
+        out = out.transpose(1, 2).reshape(B, C, H, W).contiguous()
     return out
 
 
