@@ -21,6 +21,7 @@
 #include <immintrin.h>
 #endif
 
+#include <fasttrack/cpu_copy.h>
 #include <fasttrack/output_cache.h>
 #include <fasttrack/pad_scatter.h>
 
@@ -74,30 +75,6 @@ void check_rows(const char* op, const int64_t* index, int64_t B, int64_t k, int6
   }
 }
 
-#if defined(__SSE2__) && defined(__GNUC__) && defined(__x86_64__)
-#define FT_HAVE_AVX2_PATH 1
-const bool kHasAvx2 = __builtin_cpu_supports("avx2");
-
-// Token rows are a few KB: glibc's memcpy takes its `rep movsb` path there, which on this project's
-// AMD machine ran up to half the speed of plain 32-byte vector moves (256 rows of 3 KB on one core).
-// Zeros stay with memset: a run of empty rows is one larger span, where `rep stosb` writes whole
-// lines without reading them first.
-__attribute__((target("avx2"))) void copy_bytes_avx2(char* d, const char* s, size_t n) {
-  size_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
-  }
-  if (i < n) std::memcpy(d + i, s + i, n - i);
-}
-#endif
-
-void copy_bytes(void* d, const void* s, size_t n) {
-#if defined(FT_HAVE_AVX2_PATH)
-  if (kHasAvx2) return copy_bytes_avx2(static_cast<char*>(d), static_cast<const char*>(s), n);
-#endif
-  std::memcpy(d, s, n);
-}
-
 // Row map, tokens layout: out row i = (b, r) is source row map[i] of batch b, or zeros.
 // Source rows are contiguous (C elements), strided by sb / st elements; output contiguous.
 template <typename T, typename MapT>
@@ -105,11 +82,12 @@ void rows_to_rows(const T* src, int64_t sb, int64_t st, T* dst, const MapT* map,
                   int64_t C) {
   const size_t row_bytes = static_cast<size_t>(C) * sizeof(T);
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, C * sizeof(T)));
+  const bool stream = static_cast<size_t>(B * R) * row_bytes > kStreamBytes;
   at::parallel_for(0, B * R, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t s = map[i];
       if (s >= 0) {
-        copy_bytes(dst + i * C, src + (i / R) * sb + s * st, row_bytes);
+        copy_bytes(dst + i * C, src + (i / R) * sb + s * st, row_bytes, stream);
         ++i;
       } else {  // a run of empty rows is one contiguous span of the output: one memset
         int64_t j = i + 1;
@@ -118,6 +96,7 @@ void rows_to_rows(const T* src, int64_t sb, int64_t st, T* dst, const MapT* map,
         i = j;
       }
     }
+    if (stream) stream_fence();
   });
 }
 

@@ -15,8 +15,10 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include <fasttrack/cpu_copy.h>
 #include <fasttrack/output_cache.h>
 
 TORCH_LIBRARY_FRAGMENT(fasttrack, m) {
@@ -126,6 +128,58 @@ constexpr int64_t kChunk = 64;
 
 int64_t chunk_width(int64_t B, int64_t L) { return B >= at::get_num_threads() ? L : std::min(L, kChunk); }
 
+// head[j] += (w ·) a[j] for j < n: the hot loop when R > 1 (all template rows: R·H rows per column).
+// Multiply then add, never fused, so every build computes the same bits; float32 and bfloat16 also
+// get an AVX2 version (the extension is built for baseline x86-64), picked at run time.
+template <typename T>
+inline void accumulate_row_base(float* __restrict__ head, const T* __restrict__ a, const float* w, int64_t n) {
+  if (w == nullptr) {
+    for (int64_t j = 0; j < n; ++j) head[j] += static_cast<float>(a[j]);
+  } else {
+    const float wr = *w;
+    for (int64_t j = 0; j < n; ++j) head[j] += wr * static_cast<float>(a[j]);
+  }
+}
+
+#if defined(FT_HAVE_AVX2_PATH)
+template <typename T>
+__attribute__((target("avx2"))) inline __m256 load8_as_float(const T* a) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(a);
+  } else {  // bfloat16: the high half of a float
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <typename T>
+__attribute__((target("avx2"))) void accumulate_row_avx2(float* __restrict__ head, const T* __restrict__ a,
+                                                         const float* w, int64_t n) {
+  int64_t j = 0;
+  if (w == nullptr) {
+    for (; j + 8 <= n; j += 8) {
+      _mm256_storeu_ps(head + j, _mm256_add_ps(_mm256_loadu_ps(head + j), load8_as_float(a + j)));
+    }
+  } else {
+    const __m256 wr = _mm256_set1_ps(*w);
+    for (; j + 8 <= n; j += 8) {
+      _mm256_storeu_ps(head + j, _mm256_add_ps(_mm256_loadu_ps(head + j), _mm256_mul_ps(wr, load8_as_float(a + j))));
+    }
+  }
+  accumulate_row_base(head + j, a + j, w, n - j);
+}
+#endif
+
+template <typename T>
+inline void accumulate_row(float* head, const T* a, const float* w, int64_t n) {
+#if defined(FT_HAVE_AVX2_PATH)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    if (kHasAvx2) return accumulate_row_avx2(head, a, w, n);
+  }
+#endif
+  accumulate_row_base(head, a, w, n);
+}
+
 // score[l] for l in [l0, l1) of batch row b: the sum over heads of (the sum over rows of w_r *
 // row_r[l]) / R, then / H, + bonus. `row(h, r)` points at candidate 0 of query row r of head h.
 template <typename T, typename RowFn>
@@ -140,15 +194,7 @@ void score_candidates(const Problem& p, int64_t b, int64_t H, RowFn row, int64_t
   const float fr = static_cast<float>(R);
   for (const auto h : c10::irange(H)) {
     std::fill(head, head + n, 0.f);
-    for (const auto r : c10::irange(R)) {
-      const T* __restrict__ a = row(h, r) + l0;
-      if (w == nullptr) {
-        for (int64_t j = 0; j < n; ++j) head[j] += static_cast<float>(a[j]);
-      } else {
-        const float wr = w[r];
-        for (int64_t j = 0; j < n; ++j) head[j] += wr * static_cast<float>(a[j]);
-      }
-    }
+    for (const auto r : c10::irange(R)) accumulate_row(head, row(h, r) + l0, w == nullptr ? nullptr : w + r, n);
     for (int64_t j = 0; j < n; ++j) acc[j] += head[j] / fr;
   }
   const float fh = static_cast<float>(H);
@@ -182,12 +228,14 @@ void gather_tokens(const Problem& p, const int64_t* keep, char* out) {
   const int64_t start = p.start, K = p.K, L = p.L, N = p.N;
   const char* x = static_cast<const char*>(p.x.data_ptr());
   const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(row, 1));
+  const bool stream = static_cast<size_t>(p.B * M * row) > kStreamBytes;
   auto body = [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / M, o = i % M;
       const int64_t src = o < start ? o : (o < start + K ? start + keep[b * K + o - start] : o - K + L);
-      std::memcpy(out + i * row, x + (b * N + src) * row, row);
+      copy_bytes(out + i * row, x + (b * N + src) * row, row, stream);
     }
+    if (stream) stream_fence();
   };
   at::parallel_for(0, p.B * M, grain, body);
 }
