@@ -286,6 +286,7 @@ void planes_to_rows(const T* src, int64_t sb, int64_t sc, T* dst, const int64_t*
   constexpr int64_t W = 64 / sizeof(T);
   const int64_t ngroups = (C + W - 1) / W;
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, 2 * k * W * sizeof(T)));
+  const bool uncached = static_cast<size_t>(B * N * C) * sizeof(T) > kStreamBytes;
   at::parallel_for(0, B * ngroups, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / ngroups;
@@ -293,6 +294,15 @@ void planes_to_rows(const T* src, int64_t sb, int64_t sc, T* dst, const int64_t*
       const T* planes = src + b * sb + c0 * sc;
       const int64_t* idx = index + b * k;
       T* d = dst + elem_offset(false, b, 0, c0, k, C);
+      // The kept positions are random: when the map is not cached (B = 32), the loads below would
+      // walk the task's planes (W·N elements) in random order and wait on memory line by line.
+      // Requested front to back first, the lines stream in at memory bandwidth.
+      if (uncached) {
+        for (int64_t c = 0; c < nc; ++c) {
+          const char* plane = reinterpret_cast<const char*>(planes + c * sc);
+          for (int64_t o = 0; o < N * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(plane + o);
+        }
+      }
       if (nc == W) {
 #if defined(FT_HAVE_AVX2_PATH)
         if constexpr (sizeof(T) == 2) {
