@@ -31,6 +31,7 @@ namespace {
 
 constexpr int64_t kGrainBytes = 64 * 1024;  // below this per task, a thread switch costs more than it saves
 constexpr int64_t kChannelBlock = 128;      // channel planes per nchw scatter task (the unit of parallel work)
+constexpr int64_t kAhead = 4;               // rows a large row copy prefetches ahead
 
 bool parse_layout(c10::string_view layout, const char* op) {
   TORCH_CHECK_VALUE(layout == "tokens" || layout == "nchw", "fasttrack.", op,
@@ -87,6 +88,9 @@ void rows_to_rows(const T* src, int64_t sb, int64_t st, T* dst, const MapT* map,
     for (int64_t i = begin; i < end;) {
       const int64_t s = map[i];
       if (s >= 0) {
+        // the source rows come in map order, which no hardware prefetcher guesses
+        const int64_t ahead = i + kAhead;
+        if (stream && ahead < end && map[ahead] >= 0) prefetch_bytes(src + (ahead / R) * sb + map[ahead] * st, row_bytes);
         copy_bytes(dst + i * C, src + (i / R) * sb + s * st, row_bytes, stream);
         ++i;
       } else {  // a run of empty rows is one contiguous span of the output: one memset

@@ -229,11 +229,15 @@ void gather_tokens(const Problem& p, const int64_t* keep, char* out) {
   const char* x = static_cast<const char*>(p.x.data_ptr());
   const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(row, 1));
   const bool stream = static_cast<size_t>(p.B * M * row) > kStreamBytes;
+  auto source = [&](int64_t i) {
+    const int64_t b = i / M, o = i % M;
+    return x + (b * N + (o < start ? o : (o < start + K ? start + keep[b * K + o - start] : o - K + L))) * row;
+  };
+  constexpr int64_t kAhead = 4;  // rows: the kept rows come in score order, which no prefetcher guesses
   auto body = [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / M, o = i % M;
-      const int64_t src = o < start ? o : (o < start + K ? start + keep[b * K + o - start] : o - K + L);
-      copy_bytes(out + i * row, x + (b * N + src) * row, row, stream);
+      if (stream && i + kAhead < i1) prefetch_bytes(source(i + kAhead), row);
+      copy_bytes(out + i * row, source(i), row, stream);
     }
     if (stream) stream_fence();
   };

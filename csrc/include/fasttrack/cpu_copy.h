@@ -57,6 +57,12 @@ inline void copy_bytes(void* d, const void* s, size_t n, bool stream = false) {
   std::memcpy(d, s, n);
 }
 
+// Requests the lines of [p, p + n) (the next rows of a copy in an order hardware prefetchers miss).
+inline void prefetch_bytes(const void* p, size_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (size_t o = 0; o < n; o += 64) __builtin_prefetch(c + o);
+}
+
 inline void stream_fence() {
 #if defined(FT_HAVE_AVX2_PATH)
   _mm_sfence();
