@@ -9,7 +9,8 @@ fit in the last-level cache, as the B=1 tracker ops do). Writes DIR/results.json
 machine description) and DIR/speedup.png.
 
 `python -m bench profile [--family NAME]` prints the per-segment time breakdown of one tracker
-forward (see bench/profile.py).
+forward (see bench/profile.py). `python -m bench bandwidth` checks the B=32 memory-bandwidth targets
+with the copy bandwidth measured right before each timing (see bench/bandwidth.py).
 """
 from __future__ import annotations
 
@@ -174,6 +175,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "profile":
         from bench.profile import main as profile_main
         return profile_main(argv[1:])
+    if argv and argv[0] == "bandwidth":
+        from bench.bandwidth import main as bandwidth_main
+        return bandwidth_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench", description="fasttrack benchmarks, side by side")
     p.add_argument("--quick", action="store_true", help="B=1 cases only, fewer rounds")
     p.add_argument("-k", default="", help="pytest -k expression to select benchmarks")
