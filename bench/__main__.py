@@ -10,7 +10,8 @@ machine description) and DIR/speedup.png.
 
 `python -m bench profile [--family NAME]` prints the per-segment time breakdown of one tracker
 forward (see bench/profile.py). `python -m bench bandwidth` checks the B=32 memory-bandwidth targets
-with the copy bandwidth measured right before each timing (see bench/bandwidth.py).
+with the copy bandwidth measured right before each timing (see bench/bandwidth.py); `python -m bench
+paired` times `PrunedLinear` and its pre-packed oneDNN anchor alternately (see bench/paired.py).
 """
 from __future__ import annotations
 
@@ -178,6 +179,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "bandwidth":
         from bench.bandwidth import main as bandwidth_main
         return bandwidth_main(argv[1:])
+    if argv and argv[0] == "paired":
+        from bench.paired import main as paired_main
+        return paired_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench", description="fasttrack benchmarks, side by side")
     p.add_argument("--quick", action="store_true", help="B=1 cases only, fewer rounds")
     p.add_argument("-k", default="", help="pytest -k expression to select benchmarks")

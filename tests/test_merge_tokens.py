@@ -323,3 +323,15 @@ def test_bipartite_bad_r():
         fasttrack.bipartite_merge(x, 5, protected=2)
     with pytest.raises(ValueError, match="`metric`"):
         fasttrack.bipartite_merge(x, 2, metric=torch.randn(2, 10, 4))
+
+
+def test_batch_rows_in_parallel_under_inference_mode():
+    """B >= threads runs whole batch rows per thread, with the score gemv split over the threads; under
+    torch.inference_mode the outputs are inference tensors the worker threads must not write via ATen."""
+    g = torch.Generator().manual_seed(3)
+    z, proj = torch.randn(6, 320, 96, generator=g), torch.randn(96, generator=g)
+    expected = R.merge_tokens(z, None, proj, None, 0.7)
+    with torch.inference_mode():
+        got = fasttrack.merge_tokens(z, 0.7, proj=proj)
+    assert torch.equal(got.target_index, expected[1]) and torch.equal(got.assignment, expected[3])
+    torch.testing.assert_close(got.merged, expected[0])

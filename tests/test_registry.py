@@ -213,3 +213,18 @@ def test_plain_cpu_calls_run_the_cpp_kernel_and_check_only_on_failure(name, monk
         with torch.no_grad(), pytest.raises((ValueError, TypeError), match=rf"fasttrack\.{name}: `"):
             dispatch(name, *bad)
     assert calls == {"kernel": 1 + len(positions), "check": len(positions)}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_op_runs_under_inference_mode(name):
+    """Trackers run under torch.inference_mode: the kernels (and the threads they use) must accept it
+    and give the same result as under no_grad."""
+    op = REGISTRY[name]
+    for case in op.cases("cpu", torch.float32)[:2]:
+        with torch.no_grad():
+            expected = dispatch(name, *case.args)
+        with torch.inference_mode():
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in case.args)
+            got = dispatch(name, *args)
+        for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+            assert torch.equal(g, e)

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -137,13 +138,17 @@ at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) {
 at::Tensor score_gemv(const at::Tensor& rows, const at::Tensor& v) {
   const int64_t M = rows.size(0), threads = at::get_num_threads();
   const int64_t block = std::max<int64_t>(64, (M + threads * 64 - 1) / (threads * 64) * 64);
+  if (threads == 1 || M <= block) return at::mv(rows, v);
   at::Tensor out = at::empty({M}, rows.options());
-  if (threads == 1 || M <= block) return at::mv_out(out, rows, v);
+  // Blocks are copied in by hand, not written with mv_out: under torch.inference_mode `out` is an
+  // inference tensor, and the worker threads may not write into one through ATen.
+  char* dst = static_cast<char*>(out.data_ptr());
+  const size_t elem = out.element_size();
   at::parallel_for(0, (M + block - 1) / block, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t r0 = i * block, r1 = std::min(M, r0 + block);
-      at::Tensor o = out.slice(0, r0, r1);
-      at::mv_out(o, rows.slice(0, r0, r1), v);
+      const at::Tensor part = at::mv(rows.slice(0, r0, r1), v).contiguous();
+      std::memcpy(dst + r0 * elem, part.data_ptr(), (r1 - r0) * elem);
     }
   });
   return out;

@@ -1,0 +1,80 @@
+"""`python -m bench paired [--rounds N]` — `PrunedLinear` vs the pre-packed oneDNN anchor, interleaved.
+
+The pruned-linear target is relative to another provider (the module within 10% of, or faster than,
+eager gather + oneDNN with a weight packed once). `python -m bench` times providers one after the
+other; on this shared VM the memory bandwidth drifts by 2x within minutes, which moved that ratio
+between 0.64 and 1.28 across runs for the same case. Here the two run alternately, call by call, on
+the same inputs (the shapes and weights of bench/bench_pruned_linear.py), and the ratio of their
+medians is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.bench_pruned_linear import D, KEPT, LAYERS
+from fasttrack.nn.pruned import PrunedLinear
+
+
+def _setup(d_out, ln, B, dtype):
+    g = torch.Generator().manual_seed(0)
+    dense = nn.Linear(D, d_out).to(dtype).requires_grad_(False)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(d_out, D, generator=g) * D ** -0.5)
+        dense.bias.copy_(torch.randn(d_out, generator=g) * 0.1)
+    norm = nn.LayerNorm(D).to(dtype).requires_grad_(False) if ln else None
+    idx = torch.randperm(D, generator=g)[:KEPT].sort().values
+    m = PrunedLinear.from_dense(dense, idx, norm=norm).requires_grad_(False)
+    x = torch.randn(B, 320, D, generator=g).to(dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(m.weight)
+
+    def anchor():
+        h = norm(x) if ln else x
+        return torch.ops.mkldnn._linear_pointwise(h.index_select(-1, idx), packed, m.bias, "none", [], "")
+
+    def reference():
+        h = norm(x) if ln else x
+        return F.linear(h.index_select(-1, idx), m.weight, m.bias)
+
+    return (lambda: m(x)), anchor, reference
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench paired", description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("-k", default="", help="substring of 'layer/B/dtype' to select")
+    args = p.parse_args(argv)
+    print("| layer | B | dtype | module ms | anchor ms | module / anchor | eager / module | target |")
+    print("|---|---:|---|---:|---:|---:|---:|---|")
+    misses = 0
+    for name, d_out, ln in LAYERS:
+        for B in (1, 32):
+            for dtype in (torch.float32, torch.bfloat16):
+                case = f"{name}/B{B}/{str(dtype)[6:]}"
+                if args.k not in case:
+                    continue
+                module, anchor, reference = _setup(d_out, ln, B, dtype)
+                times = {"module": [], "anchor": [], "reference": []}
+                with torch.no_grad():
+                    for fn in (module, anchor, reference):
+                        fn()
+                    for _ in range(args.rounds):
+                        for key, fn in (("module", module), ("anchor", anchor), ("reference", reference)):
+                            t = time.perf_counter()
+                            fn()
+                            times[key].append(time.perf_counter() - t)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                ratio = med["module"] / med["anchor"]
+                speedup = med["reference"] / med["module"]
+                ok = ratio <= 1.1 and (B != 1 or dtype != torch.float32 or speedup >= 2)
+                misses += not ok
+                print(f"| {name} | {B} | {str(dtype)[6:]} | {1e3 * med['module']:.2f} | {1e3 * med['anchor']:.2f} | "
+                      f"{ratio:.3f} | {speedup:.2f} | ≤ 1.10{', ≥ 2× eager' if B == 1 and dtype == torch.float32 else ''}"
+                      f"{'' if ok else ' MISS'} |", flush=True)
+    print(f"\n{misses} case(s) off target")
+    return 0
