@@ -4,8 +4,9 @@ The pruned-linear target is relative to another provider (the module within 10% 
 eager gather + oneDNN with a weight packed once). `python -m bench` times providers one after the
 other; on this shared VM the memory bandwidth drifts by 2x within minutes, which moved that ratio
 between 0.64 and 1.28 across runs for the same case. Here the two run alternately, call by call, on
-the same inputs (the shapes and weights of bench/bench_pruned_linear.py), and the ratio of their
-medians is reported.
+the same inputs (the shapes and weights of bench/bench_pruned_linear.py), with the eager reference
+(`fasttrack.reference.pruned_linear`, the benchmarks' `reference` provider) as a third, and the
+ratios of their medians are reported.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bench.bench_pruned_linear import D, KEPT, LAYERS
+from fasttrack import reference
 from fasttrack.nn.pruned import PrunedLinear
 
 
@@ -37,11 +38,12 @@ def _setup(d_out, ln, B, dtype):
         h = norm(x) if ln else x
         return torch.ops.mkldnn._linear_pointwise(h.index_select(-1, idx), packed, m.bias, "none", [], "")
 
-    def reference():
-        h = norm(x) if ln else x
-        return F.linear(h.index_select(-1, idx), m.weight, m.bias)
+    ln_w, ln_b = (norm.weight, norm.bias) if ln else (None, None)
 
-    return (lambda: m(x)), anchor, reference
+    def eager():  # the benchmarks' `reference` provider
+        return reference.pruned_linear(x, m.weight, m.bias, idx, ln_w, ln_b, 1e-5, ln)
+
+    return (lambda: m(x)), anchor, eager
 
 
 def main(argv=None) -> int:
@@ -58,13 +60,13 @@ def main(argv=None) -> int:
                 case = f"{name}/B{B}/{str(dtype)[6:]}"
                 if args.k not in case:
                     continue
-                module, anchor, reference = _setup(d_out, ln, B, dtype)
+                module, anchor, eager = _setup(d_out, ln, B, dtype)
                 times = {"module": [], "anchor": [], "reference": []}
                 with torch.no_grad():
-                    for fn in (module, anchor, reference):
+                    for fn in (module, anchor, eager):
                         fn()
                     for _ in range(args.rounds):
-                        for key, fn in (("module", module), ("anchor", anchor), ("reference", reference)):
+                        for key, fn in (("module", module), ("anchor", anchor), ("reference", eager)):
                             t = time.perf_counter()
                             fn()
                             times[key].append(time.perf_counter() - t)

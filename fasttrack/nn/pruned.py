@@ -33,7 +33,7 @@ from fasttrack import _extension, reference
 from fasttrack.backend import current_backend
 from fasttrack.nn.linear import FastLinear, PackedWeight, _packable, packed_linear
 from fasttrack.nn.vit import Block, _identity_like
-from fasttrack.ops.pruned_linear import check_args, pruned_linear
+from fasttrack.ops.pruned_linear import gather_kept, pruned_linear
 
 __all__ = ["PrunedLinear", "PrunedAttention", "PrunedMlp", "PrunedBlock", "MaskedBlock"]
 
@@ -124,8 +124,7 @@ class PrunedLinear(nn.Module):
         if self.uses_packed(x) and (ln is None or not torch.is_grad_enabled()
                                     or not any(p is not None and p.requires_grad for p in ln[:2])):
             ln_w, ln_b, eps = ln if ln is not None else (None, None, 1e-5)
-            check_args(x, self.weight, self.bias, self.in_index, ln_w, ln_b, eps, ln is not None)
-            h = torch.ops.fasttrack._pruned_linear_gather(x, self.in_index, ln_w, ln_b, float(eps), ln is not None)
+            h = gather_kept(x, self.weight, self.bias, self.in_index, ln_w, ln_b, eps, ln is not None)
             out = packed_linear(h, self._packed.get(self.weight), self.bias)
             return out.view(*x.shape[:-1], self.out_features)
         return pruned_linear(x, self.weight, self.bias, self.in_index, ln)

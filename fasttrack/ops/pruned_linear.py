@@ -8,7 +8,7 @@ import torch
 
 from fasttrack import _extension
 from fasttrack import _validate as v
-from fasttrack.ops._registry import CheckCase, OpDef, dispatch, register
+from fasttrack.ops._registry import CheckCase, OpDef, _plain_cpu_inference, dispatch, register
 
 SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor in_index, Tensor? ln_weight=None, "
           "Tensor? ln_bias=None, float eps=1e-05, bool normalize=False) -> Tensor")
@@ -134,3 +134,19 @@ def pruned_linear(x, weight, bias, in_index, norm=None):
     ``d_in``). Differentiable w.r.t. x, weight, bias and the LayerNorm affine parameters."""
     ln_w, ln_b, eps = norm if norm is not None else (None, None, 1e-5)
     return dispatch("pruned_linear", x, weight, bias, in_index, ln_w, ln_b, eps, norm is not None)
+
+
+def gather_kept(x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize):
+    """Phase 1 of `pruned_linear` alone (``LN?(x)`` at the kept dims, ``[M, d_kept]``), for
+    `fasttrack.nn.PrunedLinear`'s inference path. Plain CPU calls go straight to the C++ kernel and
+    run `check_args` only if it raises, as `dispatch` does for the registered ops."""
+    args = (x, in_index, ln_weight, ln_bias, float(eps), normalize)
+    if _extension.loaded and _plain_cpu_inference(args):
+        from fasttrack import _C
+        try:
+            return _C.cpu._pruned_linear_gather(*args)
+        except Exception:
+            check_args(x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize)
+            raise
+    check_args(x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize)
+    return torch.ops.fasttrack._pruned_linear_gather(*args)
