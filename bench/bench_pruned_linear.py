@@ -47,12 +47,9 @@ def _compiled_frozen(module, x):
     return fn
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("B", [1, 32])
-@pytest.mark.parametrize("layer", LAYERS, ids=[n for n, _, _ in LAYERS])
-def test_pruned_linear(benchmark, provider, B, layer, dtype):
-    name, d_out, ln = layer
+def make_layer(d_out, ln, B, dtype):
+    """The benchmarked layer (fixed seed): dense linear, optional LayerNorm, kept dims, its
+    `PrunedLinear` and an input ``[B, 320, D]``. bench/paired.py uses the same."""
     g = torch.Generator().manual_seed(0)
     dense = nn.Linear(D, d_out).to(dtype).requires_grad_(False)
     with torch.no_grad():
@@ -62,6 +59,16 @@ def test_pruned_linear(benchmark, provider, B, layer, dtype):
     idx = torch.randperm(D, generator=g)[:KEPT].sort().values
     m = PrunedLinear.from_dense(dense, idx, norm=norm).requires_grad_(False)
     x = torch.randn(B, 320, D, generator=g).to(dtype)
+    return dense, norm, idx, m, x
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B", [1, 32])
+@pytest.mark.parametrize("layer", LAYERS, ids=[n for n, _, _ in LAYERS])
+def test_pruned_linear(benchmark, provider, B, layer, dtype):
+    name, d_out, ln = layer
+    dense, norm, idx, m, x = make_layer(d_out, ln, B, dtype)
     ln_w, ln_b = (norm.weight, norm.bias) if ln else (None, None)
     args = (x, m.weight, m.bias, idx, ln_w, ln_b, 1e-5, ln)
     mask = torch.zeros(D, dtype=dtype).index_fill_(0, idx, 1)

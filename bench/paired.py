@@ -15,23 +15,13 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
-from bench.bench_pruned_linear import D, KEPT, LAYERS
+from bench.bench_pruned_linear import LAYERS, make_layer
 from fasttrack import reference
-from fasttrack.nn.pruned import PrunedLinear
 
 
 def _setup(d_out, ln, B, dtype):
-    g = torch.Generator().manual_seed(0)
-    dense = nn.Linear(D, d_out).to(dtype).requires_grad_(False)
-    with torch.no_grad():
-        dense.weight.copy_(torch.randn(d_out, D, generator=g) * D ** -0.5)
-        dense.bias.copy_(torch.randn(d_out, generator=g) * 0.1)
-    norm = nn.LayerNorm(D).to(dtype).requires_grad_(False) if ln else None
-    idx = torch.randperm(D, generator=g)[:KEPT].sort().values
-    m = PrunedLinear.from_dense(dense, idx, norm=norm).requires_grad_(False)
-    x = torch.randn(B, 320, D, generator=g).to(dtype)
+    _, norm, idx, m, x = make_layer(d_out, ln, B, dtype)
     packed = torch.ops.mkldnn._reorder_linear_weight(m.weight)
 
     def anchor():
