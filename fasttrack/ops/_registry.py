@@ -130,7 +130,7 @@ def dispatch(name: str, *args):
     op = REGISTRY[name]
     backend = current_backend()
     if backend != "reference" and not (backend == "triton" and op.triton is not None) \
-            and op.cpu_kernel is not None and _plain_cpu_inference(args):
+            and _plain_cpu_inference(args) and op.cpu_kernel is not None:  # is_compiling first
         try:
             return op.cpu_kernel(*args)
         except Exception:
