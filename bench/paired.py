@@ -5,8 +5,8 @@ eager gather + oneDNN with a weight packed once). `python -m bench` times provid
 other; on this shared VM the memory bandwidth drifts by 2x within minutes, which moved that ratio
 between 0.64 and 1.28 across runs for the same case. Here the two run alternately, call by call, on
 the same inputs (the shapes and weights of bench/bench_pruned_linear.py), with the eager reference
-(`fasttrack.reference.pruned_linear`, the benchmarks' `reference` provider) as a third, and the
-ratios of their medians are reported.
+(`fasttrack.reference.pruned_linear`, the benchmarks' `reference` provider) as a third, in an order
+rotated every round, and the ratios of their medians are reported.
 """
 from __future__ import annotations
 
@@ -55,8 +55,11 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     for fn in (module, anchor, eager):
                         fn()
-                    for _ in range(args.rounds):
-                        for key, fn in (("module", module), ("anchor", anchor), ("reference", eager)):
+                    order = [("module", module), ("anchor", anchor), ("reference", eager)]
+                    for r in range(args.rounds):
+                        # rotated each round: whichever runs right after the (larger) reference
+                        # finds its caches cold, and a fixed order would always charge the same one
+                        for key, fn in order[r % 3:] + order[:r % 3]:
                             t = time.perf_counter()
                             fn()
                             times[key].append(time.perf_counter() - t)

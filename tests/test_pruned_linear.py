@@ -194,6 +194,34 @@ def test_opcheck_gather_helper():
 
 
 @native_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d_in,k,order", [(768, 540, "sorted"), (768, 540, "shuffled"), (50, 37, "sorted"),
+                                          (13, 13, "sorted"), (7, 3, "sorted"), (768, 1, "sorted"),
+                                          (64, 8, "last")])
+def test_gather_phase_layouts(d_in, k, order, dtype):
+    """The gather phase's row paths (CPU dispatch rule in csrc/cpu/pruned_linear.cpp: ascending kept
+    dims of a contiguous fp32/bf16 row take the AVX2 pack plan, anything else the per-element loop)
+    against index_select: exact without LayerNorm (NaN payloads and infinities included), within
+    the one-rounding tolerance with it; d_in with and without a remainder of 8, a plan whose last
+    blocks have less than 8 lanes of room, unsorted indices, strided rows."""
+    g = torch.Generator().manual_seed(d_in * 1000 + k)
+    idx = torch.randperm(d_in, generator=g)[:k]
+    idx = {"sorted": idx.sort().values, "shuffled": idx, "last": torch.arange(d_in - k, d_in)}[order]
+    x = torch.randn(5, 2 * d_in, generator=g).to(dtype)
+    x.view(torch.int16 if dtype != torch.float32 else torch.int32)[0, :3] = torch.tensor([-1, 0x7FC1, 0x7F81]) \
+        if dtype != torch.float32 else torch.tensor([-1, 0x7FC00001, 0x7F800001], dtype=torch.int32)
+    x[1, 1], x[1, 2] = float("inf"), -float("inf")
+    ln_w, ln_b = torch.randn(d_in, generator=g).to(dtype), torch.randn(d_in, generator=g).to(dtype)
+    for rows in (x[:, :d_in], x[:, ::2]):   # contiguous rows, strided rows
+        got = torch.ops.fasttrack._pruned_linear_gather(rows, idx, None, None, 1e-5, False)
+        assert torch.equal(got.view(torch.uint8), rows.index_select(-1, idx).contiguous().view(torch.uint8))
+        finite = rows[2:]
+        got = torch.ops.fasttrack._pruned_linear_gather(finite, idx, ln_w, ln_b, 1e-5, True)
+        want = F.layer_norm(finite.float(), (d_in,), ln_w.float(), ln_b.float(), 1e-5).index_select(-1, idx)
+        assert_close(got, want.to(dtype))
+
+
+@native_only
 def test_torch_compile_fullgraph():
     args = _make(20, 50, 37, 33, torch.float32, ln=True)
     x, w, b, idx, lw, lb, eps, _ = args

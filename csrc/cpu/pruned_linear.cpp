@@ -29,6 +29,8 @@
 #include <optional>
 #include <vector>
 
+#include "fasttrack/cpu_copy.h"  // FT_HAVE_AVX2_PATH
+
 namespace fasttrack {
 namespace pruned_linear {
 namespace {
@@ -84,13 +86,14 @@ void check_index_values(const int64_t* idx, int64_t k, int64_t d_in) {
   }
 }
 
+// A LayerNorm affine vector in acc_t at the dims idx[0..k), or at all k dims when idx is null.
 template <typename acc_t>
 std::vector<acc_t> gathered_affine(const std::optional<at::Tensor>& t, const int64_t* idx, int64_t k, acc_t dflt) {
   std::vector<acc_t> out(k, dflt);
   if (!t.has_value()) return out;
   const at::Tensor v = t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   const acc_t* p = v.const_data_ptr<acc_t>();
-  for (const auto j : c10::irange(k)) out[j] = p[idx[j]];
+  for (const auto j : c10::irange(k)) out[j] = p[idx ? idx[j] : j];
   return out;
 }
 
@@ -147,13 +150,176 @@ void narrow(const acc_t* src, int64_t n, T* dst) {
 }
 
 // x2: [M, d_in] with any strides; out: contiguous [M, k].
+#if defined(FT_HAVE_AVX2_PATH)
+inline const bool kHasAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// 8 bf16 -> 8 fp32 (a 16-bit shift of the bits).
+__attribute__((target("avx2,fma"))) inline __m256 load_bf16x8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// 8 fp32 -> 8 bf16, round to nearest even, NaN -> quiet NaN (as `narrow`).
+__attribute__((target("avx2,fma"))) inline void store_bf16x8(uint16_t* p, __m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF)),
+                                         _mm256_set1_epi32(0x7F800000));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  // pack the 8 low halves: packus works per 128-bit lane, so fix the lane order after
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0b1000);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+// Sorted kept dims as a left-pack plan over 8-dim blocks of a row: block b holds `count[b]` kept
+// dims, which `perm[b]` moves to the low lanes, and they land at `start[b]` in the gathered row.
+// Writing 8 lanes at a time, each block's stray high lanes are overwritten by the next block's.
+// It needs in_index ascending (the kept order is the dims' order), which is how every pruning
+// utility here stores it; other orders take the per-element path.
+struct PackPlan {
+  int64_t blocks = 0;                 // full 8-dim blocks of d_in
+  std::vector<int32_t> perm, count, start;
+  std::vector<int64_t> tail_out;      // for the d_in % 8 last dims: their output column or -1
+};
+
+inline bool ascending(const int64_t* idx, int64_t k) {
+  for (int64_t j = 1; j < k; ++j) {
+    if (idx[j] <= idx[j - 1]) return false;
+  }
+  return true;
+}
+
+inline PackPlan pack_plan(const int64_t* idx, int64_t k, int64_t d_in) {
+  PackPlan p;
+  p.blocks = d_in / 8;
+  p.perm.assign(p.blocks * 8, 0);
+  p.count.assign(p.blocks, 0);
+  p.start.assign(p.blocks, 0);
+  p.tail_out.assign(d_in - p.blocks * 8, -1);
+  int64_t j = 0;
+  for (int64_t b = 0; b < p.blocks; ++b) {
+    p.start[b] = static_cast<int32_t>(j);
+    for (; j < k && idx[j] < 8 * (b + 1); ++j) p.perm[8 * b + p.count[b]++] = static_cast<int32_t>(idx[j] - 8 * b);
+  }
+  for (; j < k; ++j) p.tail_out[idx[j] - 8 * p.blocks] = j;
+  return p;
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 load_f32x8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load_f32x8(const c10::BFloat16* p) {
+  return load_bf16x8(reinterpret_cast<const uint16_t*>(p));
+}
+
+// One contiguous row: (LayerNorm with fp32 statistics, two passes in 8 lanes x 4 accumulators,
+// then) the kept dims by the pack plan. gamma/beta are over all d_in dims (the affine is applied
+// before packing). Without normalize the lanes are moved as bits, so the copy is exact.
+// Measured for a 768 -> 540 row here: 130 ns per row for gathering with 8 scalar loads, 260 with
+// vgatherdps, 360 for the baseline x86-64 scalar loop; the pack plan needs none of those loads.
+template <typename T, bool kNorm>
+__attribute__((target("avx2,fma"))) void pack_row_avx2(const T* row, int64_t d_in, const PackPlan& plan,
+                                                     int64_t k, const float* gamma, const float* beta, float eps,
+                                                     T* o) {
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  __m256 mv = _mm256_setzero_ps(), rv = mv;
+  float mean = 0.f, rstd = 1.f;
+  if constexpr (kNorm) {
+    const int64_t d8 = plan.blocks * 8;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t c = 0;
+    for (; c + 16 <= d8; c += 16) {
+      a0 = _mm256_add_ps(a0, load_f32x8(row + c));
+      a1 = _mm256_add_ps(a1, load_f32x8(row + c + 8));
+    }
+    if (c < d8) a0 = _mm256_add_ps(a0, load_f32x8(row + c));
+    float sum = hsum(_mm256_add_ps(a0, a1));
+    for (c = d8; c < d_in; ++c) sum += static_cast<float>(row[c]);
+    mean = sum / static_cast<float>(d_in);
+    mv = _mm256_set1_ps(mean);
+    a0 = a1 = _mm256_setzero_ps();
+    for (c = 0; c + 16 <= d8; c += 16) {
+      const __m256 d0 = _mm256_sub_ps(load_f32x8(row + c), mv), d1 = _mm256_sub_ps(load_f32x8(row + c + 8), mv);
+      a0 = _mm256_fmadd_ps(d0, d0, a0);
+      a1 = _mm256_fmadd_ps(d1, d1, a1);
+    }
+    if (c < d8) {
+      const __m256 d0 = _mm256_sub_ps(load_f32x8(row + c), mv);
+      a0 = _mm256_fmadd_ps(d0, d0, a0);
+    }
+    float sq = hsum(_mm256_add_ps(a0, a1));
+    for (c = d8; c < d_in; ++c) sq += (static_cast<float>(row[c]) - mean) * (static_cast<float>(row[c]) - mean);
+    rstd = 1.f / std::sqrt(sq / static_cast<float>(d_in) + eps);
+    rv = _mm256_set1_ps(rstd);
+  }
+  alignas(32) T spill[8];
+  for (int64_t b = 0; b < plan.blocks; ++b) {
+    const int32_t n = plan.count[b];
+    if (n == 0) continue;
+    const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plan.perm.data() + 8 * b));
+    const int64_t pos = plan.start[b];
+    T* dst = pos + 8 <= k ? o + pos : spill;  // the last blocks may not have 8 lanes of room
+    if constexpr (kNorm) {
+      __m256 h = _mm256_mul_ps(_mm256_sub_ps(load_f32x8(row + 8 * b), mv), rv);
+      h = _mm256_permutevar8x32_ps(_mm256_fmadd_ps(h, _mm256_loadu_ps(gamma + 8 * b), _mm256_loadu_ps(beta + 8 * b)),
+                                   perm);
+      if constexpr (kF32) {
+        _mm256_storeu_ps(dst, h);
+      } else {
+        store_bf16x8(reinterpret_cast<uint16_t*>(dst), h);
+      }
+    } else if constexpr (kF32) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8 * b));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permutevar8x32_epi32(v, perm));
+    } else {
+      const __m256i w = _mm256_permutevar8x32_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 8 * b))), perm);
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(w, w), 0b1000);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+    }
+    if (dst == spill) std::copy(spill, spill + n, o + pos);
+  }
+  for (int64_t t = 0; t < static_cast<int64_t>(plan.tail_out.size()); ++t) {
+    const int64_t j = plan.tail_out[t], c = 8 * plan.blocks + t;
+    if (j < 0) continue;
+    o[j] = kNorm ? static_cast<T>((static_cast<float>(row[c]) - mean) * rstd * gamma[c] + beta[c]) : row[c];
+  }
+}
+#endif
+
 template <typename T, typename acc_t>
 void gather_rows(const at::Tensor& x2, const int64_t* idx, int64_t k, bool normalize, double eps,
-                 const std::vector<acc_t>& gamma, const std::vector<acc_t>& beta, T* out) {
+                 const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, T* out) {
   const int64_t M = x2.size(0), d_in = x2.size(1);
   const int64_t sm = x2.stride(0), sc = x2.stride(1);
   const T* x = x2.const_data_ptr<T>();
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, d_in));
+#if defined(FT_HAVE_AVX2_PATH)
+  if constexpr ((std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) && std::is_same_v<acc_t, float>) {
+    if (sc == 1 && kHasAvx2Fma && ascending(idx, k)) {
+      const PackPlan plan = pack_plan(idx, k, d_in);
+      const auto gamma = gathered_affine<float>(normalize ? ln_weight : std::nullopt, nullptr, d_in, 1.f);
+      const auto beta = gathered_affine<float>(normalize ? ln_bias : std::nullopt, nullptr, d_in, 0.f);
+      at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+          if (normalize) {
+            pack_row_avx2<T, true>(x + m * sm, d_in, plan, k, gamma.data(), beta.data(), static_cast<float>(eps), out + m * k);
+          } else {
+            pack_row_avx2<T, false>(x + m * sm, d_in, plan, k, nullptr, nullptr, 0.f, out + m * k);
+          }
+        }
+      });
+      return;
+    }
+  }
+#endif
+  const auto gamma = gathered_affine<acc_t>(ln_weight, idx, k, acc_t(1));
+  const auto beta = gathered_affine<acc_t>(ln_bias, idx, k, acc_t(0));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(normalize ? d_in : 0);  // the row, widened: read three times below
     std::vector<acc_t> h(normalize ? k : 0);       // its normalised kept dims, before narrowing
@@ -215,9 +381,7 @@ at::Tensor gather_cpu(const at::Tensor& x, const at::Tensor& in_index_in, const 
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pruned_linear_gather", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const auto gamma = gathered_affine<acc_t>(ln_weight, idx, k, acc_t(1));
-    const auto beta = gathered_affine<acc_t>(ln_bias, idx, k, acc_t(0));
-    gather_rows<scalar_t, acc_t>(x2, idx, k, normalize, eps, gamma, beta, out.mutable_data_ptr<scalar_t>());
+    gather_rows<scalar_t, acc_t>(x2, idx, k, normalize, eps, ln_weight, ln_bias, out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
