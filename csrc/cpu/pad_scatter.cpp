@@ -198,8 +198,8 @@ __attribute__((target("avx2"))) int64_t transpose_lines_avx2(const T* const* row
 
 // One tile of P = 64 / elem positions (`rows`: their P source rows) into planes[c·L + p], channels
 // [c, c1) in steps of V, each step completing V whole plane lines. Returns the first channel left to
-// the caller's scalar loop. kStream: the lines go out with streaming stores (planes + p must be
-// 16-byte aligned for every plane; the caller fences).
+// the caller's scalar loop. kStream: the lines go out with streaming stores (every plane line
+// planes + c·L must be 32-byte aligned; the caller fences).
 template <bool kStream, typename T>
 int64_t transpose_lines(const T* const* rows, int64_t c, int64_t c1, T* planes, int64_t L) {
 #if defined(__SSE2__)
@@ -240,10 +240,12 @@ void rows_to_planes(const T* src, int64_t sb, int64_t st, T* dst, const int32_t*
   const std::vector<T> zeros(C, T(0));
   const int64_t nblocks = (C + kChannelBlock - 1) / kChannelBlock;
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, L * kChannelBlock * sizeof(T)));
-  // A map larger than the cache is written with streaming stores: plain stores would first read
-  // every output line (as many bytes again as the write). Needs every plane line 16-byte aligned.
+  // A large map is written with streaming stores: plain stores would first read every output line
+  // (as many bytes again as the write). They need aligned addresses (32 bytes for the AVX2 path), so
+  // only maps whose planes all start a 64-byte line stream (not, e.g., UTPTrack-S's 196-token fp32
+  // planes of 784 bytes).
   const bool stream = static_cast<size_t>(B * L * C) * sizeof(T) > kStreamPlanesBytes &&
-                      reinterpret_cast<uintptr_t>(dst) % 64 == 0 && (L * sizeof(T)) % 16 == 0;
+                      reinterpret_cast<uintptr_t>(dst) % 64 == 0 && (L * sizeof(T)) % 64 == 0;
   at::parallel_for(0, B * nblocks, grain, [&](int64_t begin, int64_t end) {
     const T* rows[P];
     for (int64_t task = begin; task < end; ++task) {
