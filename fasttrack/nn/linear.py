@@ -29,17 +29,20 @@ _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 _MKLDNN = torch.backends.mkldnn.is_available()
 
 
+# Bound once: every linear of a tracker forward asks (attribute lookups through `torch.` cost ~0.1 µs each).
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+
+
 def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if torch.compiler.is_compiling():
+    if _is_compiling():   # first: Dynamo traces this, and then nothing below
         return False
-    if not _MKLDNN or x.device.type != "cpu":
+    dtype = x.dtype
+    if not _MKLDNN or not x.is_cpu or dtype not in _PACKED_DTYPES or weight.dtype != dtype or not weight.is_cpu:
         return False
-    if x.dtype not in _PACKED_DTYPES or weight.dtype != x.dtype or weight.device.type != "cpu":
+    if bias is not None and bias.dtype != dtype:
         return False
-    if bias is not None and bias.dtype != x.dtype:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if _grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return False
     return True
 
@@ -58,7 +61,7 @@ class PackedWeight:
 
     @staticmethod
     def _key_of(w: torch.Tensor):
-        return (w.data_ptr(), w._version, w.dtype, tuple(w.shape), tuple(w.stride()))
+        return (w.data_ptr(), w._version, w.dtype, w.shape, w.stride())
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
         key = self._key_of(weight)
@@ -101,9 +104,10 @@ class FastLinear(nn.Linear):
         return _packable(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _packable(x, self.weight, self.bias):
-            return packed_linear(x, self._packed.get(self.weight), self.bias)
-        return F.linear(x, self.weight, self.bias)
+        weight, bias = self.weight, self.bias
+        if _packable(x, weight, bias):
+            return packed_linear(x, self._packed.get(weight), bias)
+        return F.linear(x, weight, bias)
 
     def __getstate__(self):
         # the oneDNN tensor cannot be pickled / deep-copied; the copy re-packs on first use

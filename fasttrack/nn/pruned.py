@@ -31,7 +31,7 @@ from torch import nn
 
 from fasttrack import _extension, reference
 from fasttrack.backend import current_backend
-from fasttrack.nn.linear import FastLinear, PackedWeight, _packable, packed_linear
+from fasttrack.nn.linear import FastLinear, PackedWeight, _grad_enabled, _packable, packed_linear
 from fasttrack.nn.vit import Block, _identity_like
 from fasttrack.ops.pruned_linear import gather_kept, pruned_linear
 
@@ -121,13 +121,14 @@ class PrunedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
         ln = self._norm_args(norm)
-        if self.uses_packed(x) and (ln is None or not torch.is_grad_enabled()
-                                    or not any(p is not None and p.requires_grad for p in ln[:2])):
+        weight, bias, in_index = self.weight, self.bias, self.in_index
+        if (_extension.loaded and current_backend() in ("auto", "native") and _packable(x, weight, bias)
+                and (ln is None or not _grad_enabled() or not any(p is not None and p.requires_grad for p in ln[:2]))):
             ln_w, ln_b, eps = ln if ln is not None else (None, None, 1e-5)
-            h = gather_kept(x, self.weight, self.bias, self.in_index, ln_w, ln_b, eps, ln is not None)
-            out = packed_linear(h, self._packed.get(self.weight), self.bias)
+            h = gather_kept(x, weight, bias, in_index, ln_w, ln_b, eps, ln is not None)
+            out = packed_linear(h, self._packed.get(weight), bias)
             return out.view(*x.shape[:-1], self.out_features)
-        return pruned_linear(x, self.weight, self.bias, self.in_index, ln)
+        return pruned_linear(x, weight, bias, in_index, ln)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
