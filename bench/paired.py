@@ -6,7 +6,8 @@ other; on this shared VM the memory bandwidth drifts by 2x within minutes, which
 between 0.64 and 1.28 across runs for the same case. Here the two run alternately, call by call, on
 the same inputs (the shapes and weights of bench/bench_pruned_linear.py), with the eager reference
 (`fasttrack.reference.pruned_linear`, the benchmarks' `reference` provider) as a third, in an order
-rotated every round, and the ratios of their medians are reported.
+rotated every round, and the ratios of their medians are reported (the target is judged on these),
+with the ratio of their best rounds beside them.
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("-k", default="", help="substring of 'layer/B/dtype' to select")
     args = p.parse_args(argv)
-    print("| layer | B | dtype | module ms | anchor ms | module / anchor | eager / module | target |")
-    print("|---|---:|---|---:|---:|---:|---:|---|")
+    print("| layer | B | dtype | module ms | anchor ms | module / anchor | (best of rounds) | eager / module | target |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---|")
     misses = 0
     for name, d_out, ln in LAYERS:
         for B in (1, 32):
@@ -68,8 +69,9 @@ def main(argv=None) -> int:
                 speedup = med["reference"] / med["module"]
                 ok = ratio <= 1.1 and (B != 1 or dtype != torch.float32 or speedup >= 2)
                 misses += not ok
+                best = min(times["module"]) / min(times["anchor"])
                 print(f"| {name} | {B} | {str(dtype)[6:]} | {1e3 * med['module']:.2f} | {1e3 * med['anchor']:.2f} | "
-                      f"{ratio:.3f} | {speedup:.2f} | ≤ 1.10{', ≥ 2× eager' if B == 1 and dtype == torch.float32 else ''}"
+                      f"{ratio:.3f} | {best:.3f} | {speedup:.2f} | ≤ 1.10{', ≥ 2× eager' if B == 1 and dtype == torch.float32 else ''}"
                       f"{'' if ok else ' MISS'} |", flush=True)
     print(f"\n{misses} case(s) off target")
     return 0

@@ -170,6 +170,18 @@ def test_inference_fast_path_only_for_plain_cpu_calls():
     assert not _plain_cpu_inference((kept.requires_grad_(), idx, 5, "tokens", [], True))
     with torch._subclasses.fake_tensor.FakeTensorMode():
         assert not _plain_cpu_inference(args)
+    # a module's weights (Parameters) are plain; another Tensor subclass is not, nor is a Parameter
+    # that needs a gradient under grad mode
+    weight = torch.nn.Parameter(torch.randn(1, 3, 4), requires_grad=False)
+    assert _plain_cpu_inference((weight, idx, 5, "tokens", [], True))
+    trainable = torch.nn.Parameter(torch.randn(1, 3, 4))
+    assert not _plain_cpu_inference((trainable, idx, 5, "tokens", [], True))
+    with torch.no_grad():
+        assert _plain_cpu_inference((trainable, idx, 5, "tokens", [], True))
+
+    class Sub(torch.Tensor):
+        pass
+    assert not _plain_cpu_inference((kept.detach().as_subclass(Sub), idx, 5, "tokens", [], True))
     out = fasttrack.pad_scatter(kept, idx, 5)
     out.sum().backward()  # the autograd path still runs when a gradient is needed
     assert torch.equal(kept.grad, torch.ones_like(kept))

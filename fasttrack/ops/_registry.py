@@ -154,6 +154,9 @@ _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active
 _grad_enabled = torch.is_grad_enabled
 _Tensor = torch.Tensor
+# Plain tensors and Parameters (a module's weights; Parameter disables __torch_function__, so the
+# kernel sees exactly what the dispatcher would). Any other subclass takes the dispatcher path.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _plain_cpu_inference(args) -> bool:
@@ -167,7 +170,8 @@ def _plain_cpu_inference(args) -> bool:
         return False
     grad = _grad_enabled()
     for a in args:
-        if isinstance(a, _Tensor) and (type(a) is not _Tensor or not a.is_cpu or (grad and a.requires_grad)):
+        if isinstance(a, _Tensor) and (type(a) not in _PLAIN_TENSOR_TYPES or not a.is_cpu
+                                       or (grad and a.requires_grad)):
             return False
     return True
 
