@@ -39,7 +39,7 @@ def cuda_built() -> bool:
 
 
 def empty_cache() -> int:
-    """Free the buffers of large CPU outputs (>= 32 MiB) that fasttrack keeps for reuse, as
+    """Free the buffers of CPU outputs (>= 256 KiB) that fasttrack keeps for reuse, as
     `torch.cuda.empty_cache` does for PyTorch's CUDA allocator; returns the bytes freed. At most
     ``FASTTRACK_CPU_CACHE_MB`` (default 512; 0 disables the cache) is kept. Why it exists:
     `csrc/include/fasttrack/output_cache.h`."""

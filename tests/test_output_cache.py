@@ -1,6 +1,6 @@
-"""The cache of large CPU outputs (csrc/include/fasttrack/output_cache.h): outputs of >= 32 MiB reuse
-freed buffers, every kernel overwrites all of a reused buffer, the cache is bounded and can be
-emptied or disabled."""
+"""The cache of CPU outputs (csrc/include/fasttrack/output_cache.h): outputs of >= 256 KiB reuse freed
+buffers (rounded to 64 KiB, or to 2 MiB huge pages from 2 MiB on), every kernel overwrites all of a
+reused buffer, the cache is bounded and can be emptied or disabled."""
 import os
 import subprocess
 import sys
@@ -14,10 +14,11 @@ from fasttrack.ops.pad_scatter import random_index
 
 pytestmark = pytest.mark.skipif(not _extension.loaded, reason="the cache lives in fasttrack._C")
 
-C_BIG = 30000  # 300 tokens × 30000 channels × fp32 = 36 MB: above the 32 MiB threshold
+C_BIG = 30000  # 300 tokens × 30000 channels × fp32 = 36 MB: the huge-page buffers
+C_MID = 300    # 290-300 tokens × 300 channels × fp32 ≈ 350 KB: the 64 KiB-grain buffers
 
 
-def _big_calls():
+def _big_calls(C_BIG=C_BIG):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 300, C_BIG, generator=g)
     index = random_index(1, 300, 290, generator=g)
@@ -36,23 +37,37 @@ def _big_calls():
     }
 
 
+@pytest.mark.parametrize("C", [C_MID, C_BIG], ids=["mid", "big"])
 @pytest.mark.parametrize("name", ["pad_scatter", "gather_tokens", "topk_select", "merge_tokens"])
-def test_large_output_reuses_a_freed_buffer_and_overwrites_all_of_it(name):
-    native, ref = _big_calls()[name]
+def test_large_output_reuses_a_freed_buffer_and_overwrites_all_of_it(name, C):
+    native, ref = _big_calls(C)[name]
     fasttrack.empty_cache()
     first = native()
-    assert first.nbytes >= 32 << 20
+    nbytes = first.nbytes
+    assert nbytes >= 256 << 10
     ptr = first.data_ptr()
     first.fill_(float("nan"))  # what a reused buffer holds must never show
     del first
-    assert fasttrack.cached_bytes() >= 32 << 20
+    assert fasttrack.cached_bytes() >= nbytes
     second = native()
     assert second.data_ptr() == ptr
     assert fasttrack.cached_bytes() == 0
     torch.testing.assert_close(second, ref(), rtol=1e-5, atol=1e-5)
     del second
-    assert fasttrack.empty_cache() >= 32 << 20
+    assert fasttrack.empty_cache() >= nbytes
     assert fasttrack.cached_bytes() == 0
+
+
+def test_pruned_linear_gather_phase_output_is_cached():
+    """`PrunedLinear`'s gather buffer ([M, d_kept], freed after each GEMM) comes back every call."""
+    x, idx = torch.randn(320, 768), torch.arange(0, 768, 2)
+    fasttrack.empty_cache()
+    first = torch.ops.fasttrack._pruned_linear_gather(x, idx, None, None, 1e-5, False)
+    ptr = first.data_ptr()
+    del first
+    second = torch.ops.fasttrack._pruned_linear_gather(x, idx, None, None, 1e-5, False)
+    assert second.data_ptr() == ptr and torch.equal(second, x[:, ::2])
+    fasttrack.empty_cache()
 
 
 def test_small_outputs_are_plain_allocations():

@@ -1,4 +1,4 @@
-// The cache of large CPU output buffers: see csrc/include/fasttrack/output_cache.h for why and what.
+// The cache of CPU output buffers: see csrc/include/fasttrack/output_cache.h for why and what.
 #include <fasttrack/output_cache.h>
 
 #include <ATen/EmptyTensor.h>
@@ -18,8 +18,14 @@
 namespace fasttrack {
 namespace {
 
-constexpr size_t kMinBytes = size_t{32} << 20;  // glibc's largest mmap threshold: below it, heap reuse
-constexpr size_t kHugePage = size_t{2} << 20;
+constexpr size_t kMinBytes = size_t{256} << 10;  // below: small enough for glibc's heap to keep reusing
+constexpr size_t kHugePage = size_t{2} << 20;   // buffers of at least this are rounded to it, huge-page backed
+constexpr size_t kSmallGrain = size_t{64} << 10;  // smaller ones are rounded to this
+
+size_t rounded_size(size_t n) {
+  const size_t grain = n >= kHugePage ? kHugePage : kSmallGrain;
+  return (n + grain - 1) / grain * grain;
+}
 constexpr int64_t kDefaultLimitMB = 512;
 
 int64_t limit_from_env() {
@@ -43,7 +49,7 @@ class OutputCache final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinBytes) return c10::GetDefaultCPUAllocator()->allocate(n);  // e.g. a resize_ to small
-    const size_t size = (n + kHugePage - 1) / kHugePage * kHugePage;
+    const size_t size = rounded_size(n);
     void* ptr = take(size);
     if (ptr == nullptr) {
       ptr = fresh(size);
@@ -90,11 +96,12 @@ class OutputCache final : public c10::Allocator {
 
   static void* fresh(size_t size) {
     void* ptr = nullptr;
-    if (posix_memalign(&ptr, kHugePage, size) != 0 || ptr == nullptr) {
+    const bool huge = size >= kHugePage;
+    if (posix_memalign(&ptr, huge ? kHugePage : 64, size) != 0 || ptr == nullptr) {
       TORCH_CHECK(false, "fasttrack: cannot allocate ", size, " bytes for a CPU output");
     }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(ptr, size, MADV_HUGEPAGE);  // a hint: without THP the pages are simply 4 KiB
+    if (huge) madvise(ptr, size, MADV_HUGEPAGE);  // a hint: without THP the pages are simply 4 KiB
 #endif
     return ptr;
   }

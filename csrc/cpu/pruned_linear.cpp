@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "fasttrack/cpu_copy.h"  // FT_HAVE_AVX2_PATH
+#include "fasttrack/output_cache.h"
 
 namespace fasttrack {
 namespace pruned_linear {
@@ -377,7 +378,7 @@ at::Tensor gather_cpu(const at::Tensor& x, const at::Tensor& in_index_in, const 
   const int64_t* idx = in_index.const_data_ptr<int64_t>();
   check_index_values(idx, k, d_in);
   const at::Tensor x2 = x.reshape({-1, d_in});  // a view unless x's leading dims cannot be merged
-  at::Tensor out = at::empty({x2.size(0), k}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_output({x2.size(0), k}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pruned_linear_gather", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
