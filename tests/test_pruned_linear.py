@@ -324,6 +324,28 @@ def test_module_packed_path(dtype, ln):
 
 
 @native_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("grad", [False, True], ids=["packed", "op-path"])
+def test_module_gelu_and_residual_epilogues(dtype, grad):
+    """`forward_gelu` / `forward_add` (the oneDNN post-ops on the packed path, plain PyTorch on the
+    op path) equal GELU / the residual sum applied to `forward`."""
+    lin, norm = nn.Linear(768, 1000).to(dtype), nn.LayerNorm(768).to(dtype)
+    m = PrunedLinear.from_dense(lin, _index(768, 540), norm=norm)
+    x = torch.randn(2, 37, 768, dtype=dtype)
+    residual = torch.randn(2, 37, 1000, dtype=dtype)
+    with torch.set_grad_enabled(grad):
+        assert m.uses_packed(x) != grad
+        plain = m(x)
+        assert_close(m.forward_gelu(x, nn.GELU()), F.gelu(plain), scale=2)
+        assert_close(m.forward_add(x, residual), residual + plain, scale=2)
+        tanh = nn.GELU(approximate="tanh")                    # not the post-op's GELU: applied after
+        assert_close(m.forward_gelu(x, tanh), tanh(plain), scale=2)
+    if grad:
+        m.forward_add(x, residual).sum().backward()
+        assert m.weight.grad is not None
+
+
+@native_only
 def test_module_dispatch_rule():
     m = PrunedLinear.from_dense(nn.Linear(50, 33), _index(50, 37))
     x = torch.randn(4, 50)

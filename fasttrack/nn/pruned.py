@@ -32,7 +32,7 @@ from torch import nn
 from fasttrack import _extension, reference
 from fasttrack.backend import current_backend
 from fasttrack.nn.linear import FastLinear, PackedWeight, _grad_enabled, _packable, packed_linear
-from fasttrack.nn.vit import Block, _identity_like
+from fasttrack.nn.vit import Block, _identity_like, _is_exact_gelu, linear_add
 from fasttrack.ops.pruned_linear import gather_kept, pruned_linear
 
 __all__ = ["PrunedLinear", "PrunedAttention", "PrunedMlp", "PrunedBlock", "MaskedBlock"]
@@ -119,16 +119,46 @@ class PrunedLinear(nn.Module):
         """Whether `forward(x)` takes the gather + pre-packed oneDNN path (see the module doc)."""
         return (_extension.loaded and current_backend() in ("auto", "native") and _packable(x, self.weight, self.bias))
 
-    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
-        ln = self._norm_args(norm)
-        weight, bias, in_index = self.weight, self.bias, self.in_index
+    def _gathered(self, x: torch.Tensor, ln) -> torch.Tensor | None:
+        """The packed path's input ``LN?(x)[..., in_index]`` as ``[M, d_kept]``, or None when the
+        op path runs (see the module doc)."""
+        weight, bias = self.weight, self.bias
         if (_extension.loaded and current_backend() in ("auto", "native") and _packable(x, weight, bias)
                 and (ln is None or not _grad_enabled() or not any(p is not None and p.requires_grad for p in ln[:2]))):
             ln_w, ln_b, eps = ln if ln is not None else (None, None, 1e-5)
-            h = gather_kept(x, weight, bias, in_index, ln_w, ln_b, eps, ln is not None)
-            out = packed_linear(h, self._packed.get(weight), bias)
+            return gather_kept(x, weight, bias, self.in_index, ln_w, ln_b, eps, ln is not None)
+        return None
+
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        ln = self._norm_args(norm)
+        h = self._gathered(x, ln)
+        if h is not None:
+            out = packed_linear(h, self._packed.get(self.weight), self.bias)
             return out.view(*x.shape[:-1], self.out_features)
-        return pruned_linear(x, weight, bias, in_index, ln)
+        return pruned_linear(x, self.weight, self.bias, self.in_index, ln)
+
+    def forward_gelu(self, x: torch.Tensor, act: nn.Module, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """``act(self(x, norm))``; on the packed path an exact GELU runs as the GEMM's oneDNN post-op,
+        so the ``[M, out_features]`` activation is written once."""
+        if _is_exact_gelu(act):
+            h = self._gathered(x, self._norm_args(norm))
+            if h is not None:
+                out = torch.ops.mkldnn._linear_pointwise(h, self._packed.get(self.weight), self.bias, "gelu", [],
+                                                         "none")
+                return out.view(*x.shape[:-1], self.out_features)
+        return act(self(x, norm))
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """``residual + self(x, norm)``; on the packed path the add is the GEMM's oneDNN sum post-op
+        (not differentiable: a residual that needs a gradient takes the plain sum)."""
+        if (residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], self.out_features)
+                and residual.is_contiguous() and not (_grad_enabled() and residual.requires_grad)):
+            h = self._gathered(x, self._norm_args(norm))
+            if h is not None:
+                out = torch.ops.mkldnn._linear_pointwise.binary(h, residual.view(h.shape[0], self.out_features),
+                                                                self._packed.get(self.weight), self.bias, "add")
+                return out.view(residual.shape)
+        return residual + self(x, norm)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -189,6 +219,12 @@ class PrunedAttention(nn.Module):
         y = self.proj_drop(self.proj(o))
         return (y, attn) if return_attention else y
 
+    def forward_add(self, x, residual, norm=None, mask=None, return_attention=False):
+        """``residual + self(x, ...)`` with the add fused into proj when nothing sits between them."""
+        o, attn = _attend(self.qkv(x, norm), self.num_heads, self.scale, mask, return_attention, self.attn_drop)
+        y = self.proj.forward_add(o, residual) if _identity_like(self.proj_drop) else residual + self.proj_drop(self.proj(o))
+        return (y, attn) if return_attention else y
+
 
 class PrunedMlp(nn.Module):
     """``fc1`` pruned on its input (D2), ``fc2`` dense (a `FastLinear`)."""
@@ -199,7 +235,12 @@ class PrunedMlp(nn.Module):
         self.drop = drop if drop is not None else nn.Identity()
 
     def forward(self, x, norm=None):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x, norm)))))
+        return self.drop(self.fc2(self.drop(self.fc1.forward_gelu(x, self.act, norm))))
+
+    def forward_add(self, x, residual, norm=None):
+        """``residual + self(x, norm)`` with the add fused into fc2 when nothing sits between them."""
+        h = self.drop(self.fc1.forward_gelu(x, self.act, norm))
+        return linear_add(self.fc2, h, residual) if _identity_like(self.drop) else residual + self.drop(self.fc2(h))
 
 
 class PrunedBlock(nn.Module):
@@ -243,6 +284,11 @@ class PrunedBlock(nn.Module):
         return cls(nn.LayerNorm(dim, **kw), attn, nn.LayerNorm(dim, **kw), mlp)
 
     def forward(self, x, mask=None, return_attention=False):
+        if _identity_like(self.drop_path):  # the residual adds fused into proj / fc2 (packed path)
+            y = self.attn.forward_add(x, x, self.norm1, mask, return_attention)
+            x, attn = y if return_attention else (y, None)
+            x = self.mlp.forward_add(x, x, self.norm2)
+            return (x, attn) if return_attention else x
         y = self.attn(x, self.norm1, mask, return_attention)
         y, attn = y if return_attention else (y, None)
         x = x + self.drop_path(y)
