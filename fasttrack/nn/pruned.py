@@ -19,7 +19,9 @@ stores ``W[:, kept]`` (``[d_out, d*]``) and the kept indices as an int64 buffer 
 CPU, Triton on CUDA) is the whole product and is what runs with autograd, on CUDA, for fp16/fp64
 and on the non-native backends; for CPU fp32/bf16 inference the module runs the op's gather phase
 (`_pruned_linear_gather`: one pass over x, fused LayerNorm) and then oneDNN with its own cached
-pre-packed weight (`fasttrack.nn.linear.PackedWeight`), which an op cannot keep across calls.
+pre-packed weight (`fasttrack.nn.linear.PackedWeight`), which an op cannot keep across calls. On
+that path `PrunedBlock` also runs fc1's exact GELU and the residual adds after proj / fc2 as oneDNN
+post-ops of those GEMMs (`PrunedLinear.forward_gelu` / `forward_add`), as `FusedBlock` does.
 """
 from __future__ import annotations
 
