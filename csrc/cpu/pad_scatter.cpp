@@ -342,33 +342,25 @@ __attribute__((target("avx2"))) inline void store_line_half(void* p, __m256i v) 
   }
 }
 
-template <bool kStream>
-__attribute__((target("avx2"))) void gather_lines_avx2(const uint16_t* planes, int64_t sc, const int64_t* idx,
-                                                       int64_t k, uint16_t* d, int64_t C, PlanesPrefetch& pf) {
-  for (int64_t j = 0; j < k; ++j) {
-    pf.step();
-    uint16_t* out = d + j * C;
-    for (int h = 0; h < 2; ++h) {  // channels 16h .. 16h + 15
-      const uint16_t* q = planes + idx[j] + 16 * h * sc;
-      store_line_half<kStream>(out + 16 * h,
-                               _mm256_setr_epi16(q[0], q[sc], q[2 * sc], q[3 * sc], q[4 * sc], q[5 * sc], q[6 * sc],
-                                                 q[7 * sc], q[8 * sc], q[9 * sc], q[10 * sc], q[11 * sc], q[12 * sc],
-                                                 q[13 * sc], q[14 * sc], q[15 * sc]));
-    }
-  }
+// Half a line (32 bytes) of 2- or 4-byte elements q[0], q[sc], q[2·sc], ...
+__attribute__((target("avx2"))) inline __m256i half_line(const uint16_t* q, int64_t sc) {
+  return _mm256_setr_epi16(q[0], q[sc], q[2 * sc], q[3 * sc], q[4 * sc], q[5 * sc], q[6 * sc], q[7 * sc], q[8 * sc],
+                           q[9 * sc], q[10 * sc], q[11 * sc], q[12 * sc], q[13 * sc], q[14 * sc], q[15 * sc]);
 }
 
-template <bool kStream>
-__attribute__((target("avx2"))) void gather_lines_avx2(const uint32_t* planes, int64_t sc, const int64_t* idx,
-                                                       int64_t k, uint32_t* d, int64_t C, PlanesPrefetch& pf) {
+__attribute__((target("avx2"))) inline __m256i half_line(const uint32_t* q32, int64_t sc) {
+  const int* q = reinterpret_cast<const int*>(q32);
+  return _mm256_setr_epi32(q[0], q[sc], q[2 * sc], q[3 * sc], q[4 * sc], q[5 * sc], q[6 * sc], q[7 * sc]);
+}
+
+template <bool kStream, typename T>
+__attribute__((target("avx2"))) void gather_lines_avx2(const T* planes, int64_t sc, const int64_t* idx, int64_t k, T* d,
+                                                       int64_t C, PlanesPrefetch& pf) {
+  constexpr int64_t H = 32 / sizeof(T);  // elements per half line
   for (int64_t j = 0; j < k; ++j) {
     pf.step();
-    uint32_t* out = d + j * C;
-    for (int h = 0; h < 2; ++h) {  // channels 8h .. 8h + 7
-      const int* q = reinterpret_cast<const int*>(planes + idx[j] + 8 * h * sc);
-      store_line_half<kStream>(out + 8 * h, _mm256_setr_epi32(q[0], q[sc], q[2 * sc], q[3 * sc], q[4 * sc], q[5 * sc],
-                                                              q[6 * sc], q[7 * sc]));
-    }
+    T* out = d + j * C;
+    for (int64_t h = 0; h < 2; ++h) store_line_half<kStream>(out + H * h, half_line(planes + idx[j] + H * h * sc, sc));
   }
 }
 #endif
