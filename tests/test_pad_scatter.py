@@ -81,16 +81,17 @@ def test_gather_tokens_matches_reference(name, B, dtype, layout, device):
     assert torch.equal(out, reference.gather_tokens(x, index, layout))
 
 
+@pytest.mark.parametrize("B", [1, 8], ids=["cached", "streamed"])
 @pytest.mark.parametrize("hw", [(16, 16), (24, 24)], ids=["pow2-planes", "other-planes"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_large_nchw_maps_with_channel_tails(hw, dtype, device):
-    """Maps above the CPU kernels' streaming threshold (4 MB) with C not a multiple of 8 or of the
-    128-channel task block: the scatter's channel-strip order (power-of-two planes) and
+def test_nchw_maps_with_channel_tails(hw, dtype, B, device):
+    """C not a multiple of 8 or of the 128-channel task block, below and above the CPU kernels'
+    streaming threshold (4 MB): the scatter's channel-strip order (power-of-two planes) and
     position-tile order (other planes), each with its scalar channel tail; and the gather back."""
     L, k, C = hw[0] * hw[1], 89, 1030
-    kept, index = torch.randn(8, k, C, device=device).to(dtype), random_index(8, L, k, device)
+    kept, index = torch.randn(B, k, C, device=device).to(dtype), random_index(B, L, k, device)
     out = fasttrack.pad_scatter(kept, index, L, "nchw", list(hw))
-    assert out.nbytes > 4 << 20
+    assert (out.nbytes > 4 << 20) == (B == 8)
     assert torch.equal(out, reference.pad_scatter(kept, index, L, "nchw", list(hw)))
     assert torch.equal(fasttrack.gather_tokens(out, index, "nchw"), kept)
 

@@ -246,10 +246,10 @@ void rows_to_planes(const T* src, int64_t sb, int64_t st, T* dst, const int32_t*
   // planes of 784 bytes).
   const bool stream = static_cast<size_t>(B * L * C) * sizeof(T) > kStreamPlanesBytes &&
                       reinterpret_cast<uintptr_t>(dst) % 64 == 0 && (L * sizeof(T)) % 64 == 0;
-  // Streaming maps whose planes are a power of two bytes (OSTrack-256: 512 B bf16, 1 KB fp32) are
-  // written in channel strips (below); the others by position tiles, which was 5-15% faster there.
+  // Maps whose planes are a power of two bytes (OSTrack-256: 512 B bf16, 1 KB fp32) are written in
+  // channel strips (below); the others by position tiles, which was 5-15% faster there.
   const size_t plane_bytes = static_cast<size_t>(L) * sizeof(T);
-  const bool strips = stream && (plane_bytes & (plane_bytes - 1)) == 0;
+  const bool strips = plane_bytes >= 64 && (plane_bytes & (plane_bytes - 1)) == 0;
   at::parallel_for(0, B * nblocks, grain, [&](int64_t begin, int64_t end) {
     const T* rows[P];
     std::vector<const T*> all_rows(strips ? L : 0);
@@ -260,8 +260,9 @@ void rows_to_planes(const T* src, int64_t sb, int64_t st, T* dst, const int32_t*
       if (strips) {
         // Channel strips outer: the writes run through 8 whole consecutive planes at a time, one
         // sequential stream. Position tiles outer write one line into each of 128 planes a power of
-        // two apart, which ran 25-35% slower here (B=32 OSTrack-256 bf16: 440-540 µs vs 330-380 µs;
-        // fp32: 880-930 µs vs 650-680 µs), likely DRAM bank conflicts of the power-of-two stride.
+        // two apart (the same few cache sets; DRAM banks when streaming), which ran slower here
+        // (interleaved A/B, OSTrack-256: B=32 bf16 440-540 µs vs 330-380 µs, fp32 880-930 µs vs
+        // 650-680 µs; B=1 fp32 33 µs vs 21-28 µs, bf16 14-19 µs vs 15-23 µs).
         for (int64_t p = 0; p < L; ++p) {
           const int32_t s = inv[b * L + p];
           all_rows[p] = s >= 0 ? src + b * sb + s * st : zeros.data();
@@ -271,7 +272,9 @@ void rows_to_planes(const T* src, int64_t sb, int64_t st, T* dst, const int32_t*
           const int64_t ce = std::min(c1, c + 8);
           for (int64_t p0 = 0; p0 < L; p0 += P) {
             const T* const* tile = all_rows.data() + p0;
-            for (int64_t cc = transpose_lines<true>(tile, c, ce, planes + p0, L); cc < ce; ++cc) {
+            int64_t cc = stream ? transpose_lines<true>(tile, c, ce, planes + p0, L)
+                                : transpose_lines<false>(tile, c, ce, planes + p0, L);
+            for (; cc < ce; ++cc) {
               T* d = planes + cc * L + p0;
               for (int64_t p = 0; p < P; ++p) d[p] = tile[p][cc];
             }
