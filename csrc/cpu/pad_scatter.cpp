@@ -25,7 +25,6 @@
 #include <fasttrack/output_cache.h>
 #include <fasttrack/pad_scatter.h>
 
-
 namespace fasttrack {
 namespace pad_scatter {
 namespace {
