@@ -24,7 +24,8 @@ def report() -> str:
     except Exception as e:  # triton is optional at import time
         lines.append(f"triton: not available ({type(e).__name__}: {e})")
     if _extension.loaded:
-        lines.append(f"fasttrack._C: loaded (CUDA kernels built: {_extension.cuda_built()})")
+        lines.append(f"fasttrack._C: loaded (CUDA kernels built: {_extension.cuda_built()}; CPU kernels' vector ISA: "
+                     f"{_extension._C.cpu_isa()}, capped by ATEN_CPU_CAPABILITY)")
         lines.append(f"large-output cache: {_extension.cached_bytes() >> 20} MiB free buffers held, limit "
                      f"{_extension._C.output_cache_limit() >> 20} MiB (FASTTRACK_CPU_CACHE_MB)")
     else:

@@ -96,6 +96,18 @@ def test_nchw_maps_with_channel_tails(hw, dtype, B, device):
     assert torch.equal(fasttrack.gather_tokens(out, index, "nchw"), kept)
 
 
+@pytest.mark.parametrize("B", [1, 24], ids=["cached", "uncached"])
+@pytest.mark.parametrize("k", [20, 60, 64, 256])
+def test_nchw_gather_either_side_of_the_quad_rule(k, B, device):
+    """The CPU gather from fp32 planes reads position quads (AVX-512) when 4·k >= N and assembles
+    the kept lines otherwise (csrc/cpu/pad_scatter.cpp, use_quads): k on both sides of N/4 = 64 and
+    k = N (every quad full), for a cached map and an uncached one (19 MB; its output streamed from
+    k = 60 up)."""
+    L, C, hw = 256, 768, (16, 16)
+    x, index = torch.randn(B, C, *hw, device=device), random_index(B, L, k, device)
+    assert torch.equal(fasttrack.gather_tokens(x, index, "nchw"), reference.gather_tokens(x, index, "nchw"))
+
+
 @pytest.mark.parametrize("layout", ["tokens", "nchw"])
 def test_gather_inverts_pad_scatter(layout, device):
     kept, index, L, hw = _problem("ostrack256", 3, torch.float32, device, layout)

@@ -19,6 +19,7 @@
 #include <numeric>
 #include <vector>
 
+#include <fasttrack/cpu_isa.h>
 #include <fasttrack/output_cache.h>
 
 TORCH_LIBRARY_FRAGMENT(fasttrack, m) {
@@ -65,22 +66,15 @@ void add_base(float* o, const float* y, int64_t n) { add_body(o, y, n); }
 __attribute__((target("avx2,fma"))) void add_avx2(float* o, const float* y, int64_t n) { add_body(o, y, n); }
 __attribute__((target("avx512f,fma"))) void add_avx512(float* o, const float* y, int64_t n) { add_body(o, y, n); }
 
-enum class Isa { base, avx2, avx512 };
-Isa cpu_isa() {
-  static const Isa isa = __builtin_cpu_supports("avx512f") ? Isa::avx512
-                         : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Isa::avx2
-                                                                                              : Isa::base;
-  return isa;
-}
 
 double dot(const double* x, const double* y, int64_t n) { return dot_body(x, y, n); }
 float dot(const float* x, const float* y, int64_t n) {
-  static const auto fn = cpu_isa() == Isa::avx512 ? dot_avx512 : cpu_isa() == Isa::avx2 ? dot_avx2 : dot_base;
+  static const auto fn = cpu_isa() == CpuIsa::avx512 ? dot_avx512 : cpu_isa() == CpuIsa::avx2 ? dot_avx2 : dot_base;
   return fn(x, y, n);
 }
 void add_row(double* o, const double* y, int64_t n) { add_body(o, y, n); }
 void add_row(float* o, const float* y, int64_t n) {
-  static const auto fn = cpu_isa() == Isa::avx512 ? add_avx512 : cpu_isa() == Isa::avx2 ? add_avx2 : add_base;
+  static const auto fn = cpu_isa() == CpuIsa::avx512 ? add_avx512 : cpu_isa() == CpuIsa::avx2 ? add_avx2 : add_base;
   fn(o, y, n);
 }
 

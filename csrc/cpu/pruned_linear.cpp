@@ -152,8 +152,6 @@ void narrow(const acc_t* src, int64_t n, T* dst) {
 
 // x2: [M, d_in] with any strides; out: contiguous [M, k].
 #if defined(FT_HAVE_AVX2_PATH)
-inline const bool kHasAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-
 __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -302,7 +300,7 @@ void gather_rows(const at::Tensor& x2, const int64_t* idx, int64_t k, bool norma
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, d_in));
 #if defined(FT_HAVE_AVX2_PATH)
   if constexpr ((std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) && std::is_same_v<acc_t, float>) {
-    if (sc == 1 && kHasAvx2Fma && ascending(idx, k)) {
+    if (sc == 1 && kHasAvx2 && ascending(idx, k)) {
       const PackPlan plan = pack_plan(idx, k, d_in);
       const auto gamma = gathered_affine<float>(normalize ? ln_weight : std::nullopt, nullptr, d_in, 1.f);
       const auto beta = gathered_affine<float>(normalize ? ln_bias : std::nullopt, nullptr, d_in, 0.f);

@@ -1,4 +1,4 @@
-// Row copies for the CPU kernels (host only).
+// Row copies for the CPU kernels (host only), and the ISA flags of their run-time dispatch.
 //
 // Token rows are a few KB: glibc's memcpy takes its `rep movsb` path there, which on this project's
 // AMD machine ran up to half the speed of plain 32-byte vector moves (256 rows of 3 KB on one core,
@@ -8,6 +8,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+
+#include "fasttrack/cpu_isa.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -22,7 +24,8 @@ namespace fasttrack {
 constexpr size_t kStreamBytes = size_t{16} << 20;
 
 #if defined(FT_HAVE_AVX2_PATH)
-inline const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+inline const bool kHasAvx2 = cpu_isa() >= CpuIsa::avx2;  // with FMA
+inline const bool kHasAvx512 = cpu_isa() >= CpuIsa::avx512;
 
 // d must be 32-byte aligned.
 __attribute__((target("avx2"))) inline void stream_bytes_avx2(char* d, const char* s, size_t n) {

@@ -1,0 +1,36 @@
+// The x86 vector ISA the CPU kernels dispatch to at run time (the extension is built for baseline
+// x86-64, and each fast path is compiled with a target attribute). Level = what the CPU supports,
+// capped by ATen's own choice: ATEN_CPU_CAPABILITY=avx2 or =default moves ATen and fasttrack together,
+// which is also how the tests run the AVX2 and baseline kernels on an AVX-512 machine
+// (tests/test_cpu_isa.py).
+#pragma once
+
+#include <ATen/Version.h>
+
+#include <string>
+
+namespace fasttrack {
+
+enum class CpuIsa { baseline = 0, avx2 = 1, avx512 = 2 };  // avx2 includes FMA; avx512 = AVX-512F
+
+inline CpuIsa cpu_isa() {
+  static const CpuIsa isa = [] {
+#if defined(__GNUC__) && defined(__x86_64__)
+    const std::string aten = at::get_cpu_capability();
+    if (aten == "AVX512" && __builtin_cpu_supports("avx512f")) return CpuIsa::avx512;
+    if (aten != "DEFAULT" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::avx2;
+#endif
+    return CpuIsa::baseline;
+  }();
+  return isa;
+}
+
+inline const char* cpu_isa_name() {
+  switch (cpu_isa()) {
+    case CpuIsa::avx512: return "avx512";
+    case CpuIsa::avx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+}  // namespace fasttrack
