@@ -97,14 +97,16 @@ def test_nchw_maps_with_channel_tails(hw, dtype, B, device):
 
 
 @pytest.mark.parametrize("B", [1, 24], ids=["cached", "uncached"])
-@pytest.mark.parametrize("k", [20, 60, 64, 256])
-def test_nchw_gather_either_side_of_the_quad_rule(k, B, device):
-    """The CPU gather from fp32 planes reads position quads (AVX-512) when 4·k >= N and assembles
-    the kept lines otherwise (csrc/cpu/pad_scatter.cpp, use_quads): k on both sides of N/4 = 64 and
-    k = N (every quad full), for a cached map and an uncached one (19 MB; its output streamed from
-    k = 60 up)."""
+@pytest.mark.parametrize("k", [20, 32, 64, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nchw_gather_either_side_of_the_group_rule(dtype, k, B, device):
+    """The CPU gather from planes of 2- or 4-byte elements reads groups of G = 16 / elem positions
+    (AVX-512) when G·k >= N and assembles the kept lines otherwise (csrc/cpu/pad_scatter.cpp,
+    use_position_groups): at N = 256, k = 20 below the rule for both dtypes, k = 32 below it for fp32
+    and on it for bf16, k = 64 on it for fp32, k = N (every group full); a cached map and a larger one
+    (fp32: 19 MB, read with prefetches, output streamed from k = 60 up)."""
     L, C, hw = 256, 768, (16, 16)
-    x, index = torch.randn(B, C, *hw, device=device), random_index(B, L, k, device)
+    x, index = torch.randn(B, C, *hw, device=device).to(dtype), random_index(B, L, k, device)
     assert torch.equal(fasttrack.gather_tokens(x, index, "nchw"), reference.gather_tokens(x, index, "nchw"))
 
 

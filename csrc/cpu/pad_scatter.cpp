@@ -366,70 +366,101 @@ __attribute__((target("avx2"))) void gather_lines_avx2(const T* planes, int64_t 
   }
 }
 
-// One task's rows, 4-byte elements (AVX-512), walking the positions instead of the rows: per quad
-// of positions p..p+3, 16 loads of 16 bytes (planes a, a+4, a+8, a+12 into the four lanes of t[a])
-// and two in-lane transposes give the task's 16 channels of each position as one 64-byte line,
-// stored to output row inv[p] when the position is kept. The loads do the cross-lane part of the
-// transpose, so a quad costs 8 shuffles against 14 per kept line assembled from scalar loads
-// (gather_lines_avx2), and each plane is read front to back. Positions past the last whole quad:
-// scalar. When it runs: use_quads. GCC 12's _mm512_unpack* pass _mm512_undefined_epi32() as the
-// unused merge source, which -Wmaybe-uninitialized reports at every call.
+// One task's rows (AVX-512), walking the positions instead of the rows. With G = 16 bytes / element
+// positions per group: for each group p..p+G-1, one 16-byte load per plane, plane a + G·l going to
+// lane l of t[a], so the loads do the cross-lane part of the transpose; G×G transposes inside each
+// 128-bit lane (transpose_lanes) then leave in t[b] the task's W = 4·G channels of position p + b, one
+// 64-byte line, stored to output row inv[p + b] if that position is kept. A group costs log2(G)·G
+// shuffles (fp32: 8, 2-byte: 24) against 14 (fp32) or 30 per kept line assembled from scalar loads
+// (gather_lines_avx2), and each plane is read front to back. Positions past the last whole group:
+// scalar. When it runs: use_position_groups. GCC 12's _mm512_unpack* pass _mm512_undefined_epi32()
+// as the unused merge source, which -Wmaybe-uninitialized reports at every call.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-template <bool kStream>
-__attribute__((target("avx512f"))) void gather_quads_avx512(const uint32_t* planes, int64_t sc, const int32_t* inv,
-                                                            int64_t N, uint32_t* d, int64_t C, PlanesPrefetch& pf) {
-  const auto load = [](const uint32_t* q) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)); };
-  int64_t p = 0;
-  for (; p + 4 <= N; p += 4) {
-    pf.step();
-    const int32_t j[4] = {inv[p], inv[p + 1], inv[p + 2], inv[p + 3]};
-    if ((j[0] & j[1] & j[2] & j[3]) < 0) continue;  // all kEmpty
-    const uint32_t* q = planes + p;
-    __m512i t[4];
-    for (int a = 0; a < 4; ++a) {
-      __m512i v = _mm512_zextsi128_si512(load(q + a * sc));
-      v = _mm512_mask_broadcast_i32x4(v, 0x00F0, load(q + (a + 4) * sc));
-      v = _mm512_mask_broadcast_i32x4(v, 0x0F00, load(q + (a + 8) * sc));
-      t[a] = _mm512_mask_broadcast_i32x4(v, 0xF000, load(q + (a + 12) * sc));
+template <int kSize>
+__attribute__((target("avx512f,avx512bw"))) inline void transpose_lanes(__m512i* r) {
+  if constexpr (kSize == 4) {  // as Transpose<4>, per lane
+    const __m512i t0 = _mm512_unpacklo_epi32(r[0], r[1]), t1 = _mm512_unpacklo_epi32(r[2], r[3]);
+    const __m512i t2 = _mm512_unpackhi_epi32(r[0], r[1]), t3 = _mm512_unpackhi_epi32(r[2], r[3]);
+    r[0] = _mm512_unpacklo_epi64(t0, t1);
+    r[1] = _mm512_unpackhi_epi64(t0, t1);
+    r[2] = _mm512_unpacklo_epi64(t2, t3);
+    r[3] = _mm512_unpackhi_epi64(t2, t3);
+  } else {  // kSize == 2: as Transpose<2>, per lane
+    __m512i a[8], b[8];
+    for (int i = 0; i < 4; ++i) {
+      a[i] = _mm512_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+      a[i + 4] = _mm512_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
     }
-    const __m512i e0 = _mm512_unpacklo_epi32(t[0], t[1]), e1 = _mm512_unpackhi_epi32(t[0], t[1]);
-    const __m512i e2 = _mm512_unpacklo_epi32(t[2], t[3]), e3 = _mm512_unpackhi_epi32(t[2], t[3]);
-    const __m512i u[4] = {_mm512_unpacklo_epi64(e0, e2), _mm512_unpackhi_epi64(e0, e2), _mm512_unpacklo_epi64(e1, e3),
-                          _mm512_unpackhi_epi64(e1, e3)};
-    for (int b = 0; b < 4; ++b) {
+    for (int h = 0; h < 2; ++h) {
+      b[4 * h + 0] = _mm512_unpacklo_epi32(a[4 * h + 0], a[4 * h + 1]);
+      b[4 * h + 1] = _mm512_unpacklo_epi32(a[4 * h + 2], a[4 * h + 3]);
+      b[4 * h + 2] = _mm512_unpackhi_epi32(a[4 * h + 0], a[4 * h + 1]);
+      b[4 * h + 3] = _mm512_unpackhi_epi32(a[4 * h + 2], a[4 * h + 3]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      r[2 * i] = _mm512_unpacklo_epi64(b[2 * i], b[2 * i + 1]);
+      r[2 * i + 1] = _mm512_unpackhi_epi64(b[2 * i], b[2 * i + 1]);
+    }
+  }
+}
+
+template <bool kStream, typename T>
+__attribute__((target("avx512f,avx512bw"))) void gather_groups_avx512(const T* planes, int64_t sc, const int32_t* inv,
+                                                                      int64_t N, T* d, int64_t C, PlanesPrefetch& pf) {
+  static_assert(sizeof(T) == 2 || sizeof(T) == 4, "16-byte groups of 2- or 4-byte elements");
+  constexpr int G = 16 / sizeof(T), W = 64 / sizeof(T);
+  const auto load = [](const T* q) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)); };
+  int64_t p = 0;
+  for (; p + G <= N; p += G) {
+    pf.step();
+    int32_t j[G];
+    int32_t all_empty = -1;
+    for (int b = 0; b < G; ++b) all_empty &= (j[b] = inv[p + b]);
+    if (all_empty < 0) continue;  // every entry kEmpty (-1); a kept one (>= 0) clears the sign bit
+    __m512i t[G];
+    for (int a = 0; a < G; ++a) {
+      const T* q = planes + p + a * sc;
+      const __m512i v = _mm512_zextsi128_si512(load(q));
+      const __m512i v1 = _mm512_mask_broadcast_i32x4(v, 0x00F0, load(q + G * sc));
+      const __m512i v2 = _mm512_mask_broadcast_i32x4(v1, 0x0F00, load(q + 2 * G * sc));
+      t[a] = _mm512_mask_broadcast_i32x4(v2, 0xF000, load(q + 3 * G * sc));
+    }
+    transpose_lanes<sizeof(T)>(t);
+    for (int b = 0; b < G; ++b) {
       if (j[b] < 0) continue;
-      uint32_t* out = d + static_cast<int64_t>(j[b]) * C;
+      __m512i* out = reinterpret_cast<__m512i*>(d + static_cast<int64_t>(j[b]) * C);
       if constexpr (kStream) {
-        _mm512_stream_si512(reinterpret_cast<__m512i*>(out), u[b]);
+        _mm512_stream_si512(out, t[b]);
       } else {
-        _mm512_storeu_si512(reinterpret_cast<__m512i*>(out), u[b]);
+        _mm512_storeu_si512(out, t[b]);
       }
     }
   }
   for (; p < N; ++p) {
     if (inv[p] < 0) continue;
-    uint32_t* out = d + static_cast<int64_t>(inv[p]) * C;
-    for (int64_t c = 0; c < 16; ++c) out[c] = planes[c * sc + p];
+    T* out = d + static_cast<int64_t>(inv[p]) * C;
+    for (int64_t c = 0; c < W; ++c) out[c] = planes[c * sc + p];
   }
 }
 #pragma GCC diagnostic pop
 #endif
 
-// Dispatch rule of the planes → rows gather: the position-quad kernel for 4-byte elements on AVX-512
-// when a quad holds one kept position or more on average (4·k >= N); below that, assembling the
-// few kept lines wins. Interleaved A/B here, OSTrack-256 fp32 (N = 256) at B = 1: k = 89, 8.4 vs
-// 10.4 µs; k = 256, 17 vs 22-28 µs; k = 8, 6.5 vs 4.6 µs. OSTrack-384 at B = 32: 1.15-1.29 ms vs
-// 1.57-1.76 ms.
-bool use_quads(int64_t elem_size, int64_t k, int64_t N) {
+// Dispatch rule of the planes → rows gather: the position-group kernel for 2- and 4-byte elements
+// on AVX-512 when a group of G = 16 / elem positions holds one kept position or more on average
+// (G·k >= N); below that, assembling the few kept lines wins. Interleaved A/B here, B = 1 and
+// N = 256 (OSTrack-256), groups vs lines: fp32 k = 89 8.4 vs 10.4 µs, k = 256 17 vs 22-28 µs,
+// k = 8 6.7 vs 4.5 µs (crossover near k = 26-40); bf16 k = 89 6.5 vs 10.1 µs, k = 8 4.8 vs 4.4 µs
+// (crossover near k = 26). OSTrack-384 at B = 32: fp32 1.07 vs 1.53 ms, bf16 0.48 vs 0.65 ms.
+bool use_position_groups(int64_t elem_size, int64_t k, int64_t N) {
 #if defined(FT_HAVE_AVX2_PATH)
-  return elem_size == 4 && kHasAvx512 && 4 * k >= N;
+  return (elem_size == 2 || elem_size == 4) && kHasAvx512 && (16 / elem_size) * k >= N;
 #else
   return false;
 #endif
 }
 
-// inv: the [B, N] inverse maps of `index` when use_quads, else nullptr.
+// inv: the [B, N] inverse maps of `index` when use_position_groups, else nullptr.
 template <typename T>
 void planes_to_rows(const T* src, int64_t sb, int64_t sc, T* dst, const int64_t* index, const int32_t* inv,
                     int64_t B, int64_t k, int64_t N, int64_t C) {
@@ -454,7 +485,7 @@ void planes_to_rows(const T* src, int64_t sb, int64_t sc, T* dst, const int64_t*
       // demand loads let the hardware prefetcher run ahead; a burst of software prefetches queued
       // on the L1 miss buffers instead, 3.7 ms vs 2.0-2.6 ms for the B=32 OSTrack-384 fp32 gather);
       // every task requests the next one's planes while it works (PlanesPrefetch).
-      const bool quads = inv != nullptr && nc == W;
+      const bool by_positions = inv != nullptr && nc == W;  // gather_groups_avx512
       PlanesPrefetch pf;  // the next task's planes, requested a few lines per output row (or quad)
       if (uncached && task + 1 < end) {
         const int64_t t = task + 1, tc0 = (t % ngroups) * W;
@@ -462,7 +493,7 @@ void planes_to_rows(const T* src, int64_t sb, int64_t sc, T* dst, const int64_t*
         pf.plane_stride = sc * sizeof(T);
         pf.lines_per_plane = (N * static_cast<int64_t>(sizeof(T)) + 63) / 64;
         pf.total = pf.lines_per_plane * std::min(W, C - tc0);
-        const int64_t steps = std::max<int64_t>(1, quads ? N / 4 : k);
+        const int64_t steps = std::max<int64_t>(1, by_positions ? N / (16 / static_cast<int64_t>(sizeof(T))) : k);
         pf.per_row = (pf.total + steps - 1) / steps;
       }
       if (uncached && task == begin) {
@@ -473,12 +504,10 @@ void planes_to_rows(const T* src, int64_t sb, int64_t sc, T* dst, const int64_t*
       }
       if (nc == W) {
 #if defined(FT_HAVE_AVX2_PATH)
-        if constexpr (sizeof(T) == 4) {
-          if (quads) {
-            const uint32_t* pl = reinterpret_cast<const uint32_t*>(planes);
-            uint32_t* dd = reinterpret_cast<uint32_t*>(d);
-            stream ? gather_quads_avx512<true>(pl, sc, inv + b * N, N, dd, C, pf)
-                   : gather_quads_avx512<false>(pl, sc, inv + b * N, N, dd, C, pf);
+        if constexpr (sizeof(T) == 2 || sizeof(T) == 4) {
+          if (by_positions) {
+            stream ? gather_groups_avx512<true>(planes, sc, inv + b * N, N, d, C, pf)
+                   : gather_groups_avx512<false>(planes, sc, inv + b * N, N, d, C, pf);
             continue;
           }
         }
@@ -559,9 +588,9 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x_in, const at::Tensor& index_in,
   (void)check_index;  // the CPU path always validates: see the top of this file
   const Problem pb = check_gather_args(x_in, index_in, layout);
   const at::Tensor index = index_in.contiguous();
-  // Validation builds each row's inverse map: kept for the planes path's position quads, else one
+  // Validation builds each row's inverse map: kept for the planes path's position groups, else one
   // reused row of scratch.
-  const bool keep_inv = pb.nchw && use_quads(x_in.element_size(), pb.k, pb.length);
+  const bool keep_inv = pb.nchw && use_position_groups(x_in.element_size(), pb.k, pb.length);
   std::vector<int32_t> inv(keep_inv ? pb.batch * pb.length : pb.length);
   check_rows("gather_tokens", index.const_data_ptr<int64_t>(), pb.batch, pb.k, pb.length, inv.data(), keep_inv);
 

@@ -11,13 +11,15 @@
 
 namespace fasttrack {
 
-enum class CpuIsa { baseline = 0, avx2 = 1, avx512 = 2 };  // avx2 includes FMA; avx512 = AVX-512F
+enum class CpuIsa { baseline = 0, avx2 = 1, avx512 = 2 };  // avx2: AVX2 + FMA; avx512: AVX-512 F + BW
 
 inline CpuIsa cpu_isa() {
   static const CpuIsa isa = [] {
 #if defined(__GNUC__) && defined(__x86_64__)
     const std::string aten = at::get_cpu_capability();
-    if (aten == "AVX512" && __builtin_cpu_supports("avx512f")) return CpuIsa::avx512;
+    if (aten == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+      return CpuIsa::avx512;
+    }
     if (aten != "DEFAULT" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::avx2;
 #endif
     return CpuIsa::baseline;
