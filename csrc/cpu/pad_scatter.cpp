@@ -486,7 +486,7 @@ void planes_to_rows(const T* src, int64_t sb, int64_t sc, T* dst, const int64_t*
       // on the L1 miss buffers instead, 3.7 ms vs 2.0-2.6 ms for the B=32 OSTrack-384 fp32 gather);
       // every task requests the next one's planes while it works (PlanesPrefetch).
       const bool by_positions = inv != nullptr && nc == W;  // gather_groups_avx512
-      PlanesPrefetch pf;  // the next task's planes, requested a few lines per output row (or quad)
+      PlanesPrefetch pf;  // the next task's planes, requested a few lines per output row (or group)
       if (uncached && task + 1 < end) {
         const int64_t t = task + 1, tc0 = (t % ngroups) * W;
         pf.base = reinterpret_cast<const char*>(src + (t / ngroups) * sb + tc0 * sc);
@@ -510,8 +510,6 @@ void planes_to_rows(const T* src, int64_t sb, int64_t sc, T* dst, const int64_t*
                    : gather_groups_avx512<false>(planes, sc, inv + b * N, N, d, C, pf);
             continue;
           }
-        }
-        if constexpr (sizeof(T) == 2 || sizeof(T) == 4) {
           if (kHasAvx2) {
             stream ? gather_lines_avx2<true>(planes, sc, idx, k, d, C, pf) : gather_lines_avx2<false>(planes, sc, idx, k, d, C, pf);
             continue;
