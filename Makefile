@@ -4,16 +4,21 @@
 #   make bench  - the benchmarks, providers side by side (python -m bench)
 #   make cmake-test       - csrc/ built by CMake against the venv's LibTorch, ctest, nvcc check of *.cu
 #   make check-cuda-build - the CUDA build in a second venv (.venv-cuda, several GB of downloads)
+#   make compat TORCH=2.11.0 TRITON=3.6.0 - build + suite against another torch/triton (scripts/compat.sh)
+#   make asan-test - the C++ kernels under AddressSanitizer, op + fuzz tests (scripts/asan_test.sh)
+#   make gpu-check [OUT=DIR] - on a GPU machine: build for its GPU, parity, device tests, sanitizer,
+#                    GPU benchmarks (scripts/gpu_check.sh; uses $(PYTHON) as it is, no venv, offline)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # The CPU build of torch where there is no GPU (it lies on these machines' disk).
 TORCH_SPEC ?= torch==2.13.0
-DEPS := triton==3.9.0 ninja pybind11 numpy pytest pytest-benchmark expecttest matplotlib
-export MAX_JOBS ?= 2
+DEPS := triton==3.9.0 ninja pybind11 numpy pytest pytest-benchmark expecttest matplotlib hypothesis
+# parallel compile jobs: every core (a CUDA build on a 16-core GPU machine takes ~1-1.5 min at full width)
+export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: all install build demo test bench check info aot clean cmake-test check-cuda-build
+.PHONY: all install build demo test bench check info aot clean cmake-test check-cuda-build gpu-check compat asan-test
 
 all: test
 
@@ -45,6 +50,7 @@ info: build
 
 aot: build
 	TRITON_INTERPRET=0 $(PY) -m fasttrack.kernels._aot
+	$(PY) -m bench traffic
 
 CMAKE_BUILD_DIR ?= build/cmake
 NVCC_FOUND := $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
@@ -58,6 +64,15 @@ cmake-test: $(VENV)/.deps
 
 check-cuda-build:
 	PYTHON=$(PYTHON) bash scripts/check_cuda_build.sh
+
+gpu-check:
+	PYTHON=$(PYTHON) bash scripts/gpu_check.sh $(OUT)
+
+compat:
+	PYTHON=$(PYTHON) TORCH=$(TORCH) TRITON=$(TRITON) NUMPY=$(NUMPY) ARGS="$(ARGS)" bash scripts/compat.sh
+
+asan-test:
+	PYTHON=$(PYTHON) ARGS="$(ARGS)" bash scripts/asan_test.sh
 
 clean:
 	rm -rf build fasttrack/_C*.so *.egg-info

@@ -4,6 +4,7 @@
 - CUDA sources (csrc/cuda/*) only when a CUDA build of torch and a CUDA toolkit are both present, or
   FORCE_CUDA=1. Building never needs a GPU. Arch list: TORCH_CUDA_ARCH_LIST (default "8.0;9.0").
 - MAX_JOBS caps parallel compile jobs (ninja).
+- FASTTRACK_SANITIZE=address builds the C++ kernels under AddressSanitizer (`make asan-test`).
 - `kernels/` installs as `fasttrack.kernels`, never as a top-level `kernels` package.
 Dev install: `pip install --no-build-isolation -e .`
 """
@@ -38,8 +39,14 @@ sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 since torch 2.14,
 # whose headers no longer compile as C++17).
 cxx_flags = ["-O3", "-fopenmp"]
+link_flags = ["-fopenmp"]
 define_macros = []
 ext_kwargs = {}
+# FASTTRACK_SANITIZE=address: the C++ kernels under AddressSanitizer (`make asan-test`; the process
+# must preload libasan, as scripts/asan_test.sh does)
+if os.environ.get("FASTTRACK_SANITIZE") == "address":
+    cxx_flags = ["-O1", "-g", "-fopenmp", "-fsanitize=address", "-fno-omit-frame-pointer"]
+    link_flags += ["-fsanitize=address"]
 if with_cuda:
     cuda_home = _cuda_home()
     if cuda_home is None:
@@ -73,13 +80,14 @@ setup(
     packages=["fasttrack", "fasttrack.ops", "fasttrack.nn", "fasttrack.kernels"],
     package_dir={"fasttrack": "fasttrack", "fasttrack.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "triton", "numpy"],
+    # the supported range, tested with `make compat` (README, "Supported versions")
+    install_requires=["torch>=2.11,<2.16", "triton>=3.6,<3.10", "numpy"],
     ext_modules=[Extension(
         "fasttrack._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
         define_macros=define_macros,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
         **ext_kwargs,
     )],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -11,7 +11,9 @@ machine description) and DIR/speedup.png.
 `python -m bench profile [--family NAME]` prints the per-segment time breakdown of one tracker
 forward (see bench/profile.py). `python -m bench bandwidth` checks the B=32 memory-bandwidth targets
 with the copy bandwidth measured right before each timing (see bench/bandwidth.py); `python -m bench
-paired` times `PrunedLinear` and its pre-packed oneDNN anchor alternately (see bench/paired.py).
+paired` times `PrunedLinear` and its pre-packed oneDNN anchor alternately (see bench/paired.py);
+`python -m bench traffic` models every Triton launcher's GPU memory traffic against the op's
+minimum bytes (see bench/traffic.py).
 """
 from __future__ import annotations
 
@@ -54,9 +56,28 @@ def _copy_bandwidth(nbytes: int) -> float:
     return 2 * n * 4 / _best_of(lambda: dst.copy_(src), reps=20)
 
 
-def measure_machine() -> dict:
+def measure_device(device: str) -> dict:
+    """A CUDA device's copy bandwidth (bytes read + written, 1 GiB through DRAM) and dense GEMM
+    throughput (fp32 without TF32, and bf16), measured with CUDA events in this run."""
+    from bench.harness import cuda_median_ms
+    n = 2**28
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    bw = 2 * n * 4 / (cuda_median_ms(dst.copy_, src) / 1e3)
+    del src, dst
+    out = dict(device=device, gpu=torch.cuda.get_device_name(device), device_bandwidth_gbs=bw / 1e9)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(8192, 8192, device=device, dtype=dt)
+        out[f"device_gemm_{name}_tflops"] = 2 * 8192**3 / (cuda_median_ms(torch.matmul, a, a) / 1e3) / 1e12
+    torch.backends.cuda.matmul.allow_tf32 = prev
+    return out
+
+
+def measure_machine(device: str = "cpu") -> dict:
     """Copy bandwidth (bytes read + written) from DRAM and from the last-level cache, and the fp32
-    GEMM throughput of the fastest path fasttrack uses (oneDNN with a pre-packed weight)."""
+    GEMM throughput of the fastest path fasttrack uses (oneDNN with a pre-packed weight); with a
+    CUDA ``device``, that device's too (`measure_device`)."""
     from fasttrack.nn.linear import FastLinear
     llc = _llc_bytes()
     bw = _copy_bandwidth(256 * 2**20)          # well past the last-level cache
@@ -71,10 +92,14 @@ def measure_machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), bandwidth_gbs=bw / 1e9, cache_bandwidth_gbs=cache_bw / 1e9,
-                llc_bytes=llc, gemm_gflops=gemm / 1e9,
-                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    from fasttrack.info import cpu_description
+    out = dict(cpu=cpu, cpu_isa=cpu_description()["isa"], cores=os.cpu_count(), threads=torch.get_num_threads(),
+               torch=torch.__version__, python=platform.python_version(), bandwidth_gbs=bw / 1e9,
+               cache_bandwidth_gbs=cache_bw / 1e9, llc_bytes=llc, gemm_gflops=gemm / 1e9,
+               cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None, device="cpu")
+    if device != "cpu":
+        out.update(measure_device(device))
+    return out
 
 
 class _Progress:
@@ -121,31 +146,49 @@ def summarise(raw: dict, machine: dict) -> list[dict]:
         ref = provs.get("reference", {}).get("time")
         comp = provs.get("compile", {}).get("time")
         for provider, r in provs.items():
-            # an op whose bytes fit in the last-level cache is bounded by the cache, not DRAM
-            bw = machine["cache_bandwidth_gbs"] if r.get("nbytes", 0) <= machine["llc_bytes"] else machine["bandwidth_gbs"]
-            roof = max(r.get("nbytes", 0) / (bw * 1e9),
-                       r.get("flops", 0) / (machine["gemm_gflops"] * 1e9))
+            if machine.get("device", "cpu") != "cpu":
+                # the device's DRAM copy bandwidth and fp32 GEMM peak, measured in this run
+                bw, peak = machine["device_bandwidth_gbs"], machine["device_gemm_fp32_tflops"] * 1e3
+            else:
+                # an op whose bytes fit in the last-level cache is bounded by the cache, not DRAM
+                bw = machine["cache_bandwidth_gbs"] if r.get("nbytes", 0) <= machine["llc_bytes"] \
+                    else machine["bandwidth_gbs"]
+                peak = machine["gemm_gflops"]
+            roof = max(r.get("nbytes", 0) / (bw * 1e9), r.get("flops", 0) / (peak * 1e9))
             rows.append(dict(group=group, provider=provider, time_us=r["time"] * 1e6,
                              vs_reference=ref / r["time"] if ref else None,
                              vs_compile=comp / r["time"] if comp else None,
                              roofline=roof / r["time"] if roof else None,
-                             gbs=r.get("nbytes", 0) / r["time"] / 1e9 if r.get("nbytes") else None))
+                             gbs=r.get("nbytes", 0) / r["time"] / 1e9 if r.get("nbytes") else None,
+                             kernels=r.get("kernels")))
     return rows
+
+
+def machine_line(machine: dict) -> str:
+    line = (f"Machine: {machine['cpu']} ({machine.get('cpu_isa', '?')}), {machine['cores']} cores, "
+            f"{machine['threads']} threads, torch {machine['torch']}; measured copy bandwidth "
+            f"{machine['bandwidth_gbs']:.1f} GB/s (DRAM), {machine['cache_bandwidth_gbs']:.0f} GB/s (last-level cache, "
+            f"{machine['llc_bytes'] >> 20} MiB), fp32 GEMM {machine['gemm_gflops']:.0f} GFLOP/s (oneDNN, packed weight).")
+    if machine.get("device", "cpu") != "cpu":
+        line += (f" Device: {machine['gpu']}, copy {machine['device_bandwidth_gbs']:.0f} GB/s, GEMM "
+                 f"{machine['device_gemm_fp32_tflops']:.0f} TFLOP/s fp32 / {machine['device_gemm_bf16_tflops']:.0f} bf16 "
+                 "(CUDA events, this run); every time below is on the device.")
+    return line
 
 
 def markdown(rows: list[dict], machine: dict) -> str:
     fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
-    out = [f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, "
-           f"torch {machine['torch']}; measured copy bandwidth {machine['bandwidth_gbs']:.1f} GB/s (DRAM), "
-           f"{machine['cache_bandwidth_gbs']:.0f} GB/s (last-level cache, {machine['llc_bytes'] >> 20} MiB), "
-           f"fp32 GEMM {machine['gemm_gflops']:.0f} GFLOP/s (oneDNN, packed weight). Roofline: the larger of "
-           "bytes / bandwidth (cache bandwidth when the bytes fit in the cache) and FLOPs / GEMM peak.", "",
-           "| group | provider | median µs | × vs reference | × vs compile | GB/s | % roofline |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+    kernels = any(r.get("kernels") is not None for r in rows)
+    out = [machine_line(machine) + " Roofline: the larger of bytes / bandwidth (CPU: cache bandwidth when "
+           "the bytes fit in the cache) and FLOPs / GEMM peak.", "",
+           "| group | provider | median µs | × vs reference | × vs compile | GB/s | % roofline |"
+           + (" kernels / call |" if kernels else ""),
+           "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if kernels else "")]
     for r in rows:
         out.append(f"| {r['group']} | {r['provider']} | {r['time_us']:.1f} | {fmt(r['vs_reference'], '.2f')} | "
                    f"{fmt(r['vs_compile'], '.2f')} | {fmt(r['gbs'], '.1f')} | "
-                   f"{fmt(None if r['roofline'] is None else 100 * r['roofline'], '.0f')} |")
+                   f"{fmt(None if r['roofline'] is None else 100 * r['roofline'], '.0f')} |"
+                   + (f" {fmt(r.get('kernels'), 'd')} |" if kernels else ""))
     return "\n".join(out)
 
 
@@ -179,6 +222,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "bandwidth":
         from bench.bandwidth import main as bandwidth_main
         return bandwidth_main(argv[1:])
+    if argv and argv[0] == "traffic":
+        from bench.traffic import main as traffic_main
+        return traffic_main(argv[1:])
     if argv and argv[0] == "paired":
         from bench.paired import main as paired_main
         return paired_main(argv[1:])
@@ -186,12 +232,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="B=1 cases only, fewer rounds")
     p.add_argument("-k", default="", help="pytest -k expression to select benchmarks")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for results.json / speedup.png")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where inputs and models live (cuda: every provider timed with CUDA events)")
     a = p.parse_args(argv)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    machine = measure_machine()
-    print(f"machine: {machine['cpu']} | copy {machine['bandwidth_gbs']:.1f} GB/s DRAM, "
-          f"{machine['cache_bandwidth_gbs']:.0f} GB/s cache | fp32 GEMM {machine['gemm_gflops']:.0f} GFLOP/s",
-          flush=True)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this process sees no CUDA device")
+    os.environ["FASTTRACK_BENCH_DEVICE"] = a.device
+    machine = measure_machine(a.device)
+    print(machine_line(machine), flush=True)
     pytest_args = ["--benchmark-max-time=0.3" if a.quick else "--benchmark-max-time=1.0",
                    "--benchmark-min-rounds=3" if a.quick else "--benchmark-min-rounds=5"]
     k = " and ".join(e for e in (a.k, "not B32" if a.quick else "") if e)

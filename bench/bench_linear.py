@@ -4,8 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.harness import bench_op
+from bench.harness import bench_device, bench_op
 from fasttrack.nn.linear import FastLinear
+
+# FastLinear's packed path is a CPU (oneDNN) feature: on another device it is nn.Linear
+pytestmark = pytest.mark.skipif(bench_device().type != "cpu", reason="FastLinear packs weights for CPUs only")
 
 # (d_in, d_out): qkv, proj, fc1, fc2
 LINEARS = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]

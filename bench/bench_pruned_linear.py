@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fasttrack
-from bench.harness import bench_op, compile_fn
+from bench.harness import bench_device, bench_op, compile_fn
 from fasttrack import reference
 from fasttrack.nn.pruned import PrunedLinear
 
@@ -67,6 +67,8 @@ def make_layer(d_out, ln, B, dtype):
 @pytest.mark.parametrize("B", [1, 32])
 @pytest.mark.parametrize("layer", LAYERS, ids=[n for n, _, _ in LAYERS])
 def test_pruned_linear(benchmark, provider, B, layer, dtype):
+    if bench_device().type != "cpu" and provider not in ("reference", "compile", "native"):
+        pytest.skip("module / oneDNN providers are CPU paths")
     name, d_out, ln = layer
     dense, norm, idx, m, x = make_layer(d_out, ln, B, dtype)
     ln_w, ln_b = (norm.weight, norm.bias) if ln else (None, None)

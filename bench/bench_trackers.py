@@ -18,6 +18,12 @@ elimination ranks near-tied scores, which bf16 rounding can reorder, so at bf16 
 removed index sets must agree and the feature check is skipped when any index (or its order, which
 sets the token layout) differs; the boxes are still compared.
 
+On a CUDA device (``python -m bench --device cuda -k tracker``) the dtypes are fp32, fp16 and bf16,
+every provider is timed with CUDA events (median, warm-up excluded) and also reports the CUDA kernels
+one call launches (``extra_info["kernels"]``, torch.profiler), and two providers join:
+- ``compile-ro``: ``torch.compile(reference, mode="reduce-overhead")`` (Inductor with CUDA graphs);
+- ``fused-graph``: the fused network captured once and replayed (`fasttrack.graphed`).
+
 Smoke rule (CI runs ``pytest bench --benchmark-disable``; this file must finish in ~6 minutes on 2
 idle cores, and one Inductor compile of a 12-block ViT costs a minute or more per shape/dtype): when
 benchmarking is disabled,
@@ -36,12 +42,16 @@ import functools
 import pytest
 import torch
 
+import fasttrack
+from bench.harness import bench_device, cuda_kernel_count, cuda_median_ms
 from fasttrack import zoo
 from fasttrack.testing import tolerance
 
 FAMILIES = ["ostrack", "utptrack-o", "etctrack", "abtrack", "compresstracker", "ostrack-384"]
 SMOKE_DEPTH = 4   # CE at block 3 (OSTrack / UTPTrack-O), one gated block (ABTrack), one HIBlock (ETCTrack)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEVICE = bench_device()
+ON_CUDA = DEVICE.type == "cuda"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16} | ({"fp16": torch.float16} if ON_CUDA else {})
 
 
 def _params():
@@ -49,10 +59,12 @@ def _params():
     for fam in FAMILIES:
         for B in ([1] if fam == "ostrack-384" else [1, 32]):
             for dt in DTYPES:
-                provs = ["reference", "fused"]
+                provs = ["reference", "fused"] + (["fused-graph"] if ON_CUDA else [])
                 if fam == "abtrack":
                     provs += ["dense"] + (["fused-all"] if B > 1 else [])
                 provs.append("compile")  # last: in smoke mode it builds another (reduced) case
+                if ON_CUDA:
+                    provs.append("compile-ro")
                 out += [pytest.param(fam, B, dt, p, id=f"{fam}-B{B}-{dt}-{p}") for p in provs]
     return out
 
@@ -60,6 +72,10 @@ def _params():
 @functools.lru_cache(maxsize=1)   # one case (two ViT-B networks) alive at a time
 def _case(family, batch, dtype_name, depth):
     case = zoo.build(family, batch, DTYPES[dtype_name], depth=depth)
+    if ON_CUDA:
+        for m in (case.reference, case.fused, *case.extras.values()):
+            m.to(DEVICE)
+        case.inputs = tuple(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in case.inputs)
     with torch.no_grad():
         expected = case.reference(*case.inputs)
     return case, expected
@@ -89,14 +105,23 @@ def test_tracker(benchmark, family, B, dtype_name, provider):
     benchmark.extra_info.update(provider=provider, batch=batch, depth=depth or "full", description=case.description)
     if provider == "compile":
         fn = torch.compile(case.reference, dynamic=False, backend="aot_eager" if smoke else "inductor")
+    elif provider == "compile-ro":
+        fn = torch.compile(case.reference, dynamic=False, mode="reduce-overhead")
+    elif provider == "fused-graph":
+        fn = fasttrack.graphed(case.fused)
     else:
         fn = {"reference": case.reference, "fused": case.fused, **case.extras}[provider]
     with torch.no_grad():
-        out = fn(*case.inputs)   # also the warm-up: compiles, packs the oneDNN weights
+        out = fn(*case.inputs)   # also the warm-up: compiles, captures, packs the oneDNN weights
         if provider == "dense":
             assert case.features(out).shape == case.features(expected).shape
         elif provider != "reference":
             benchmark.extra_info.update(_check(case, expected, out, dtype))
-        benchmark.pedantic(fn, args=case.inputs, rounds=5 if B == 1 else 2, iterations=1)
-    if provider == "compile":
+        if ON_CUDA:
+            benchmark.extra_info["do_bench_ms"] = cuda_median_ms(fn, *case.inputs)
+            benchmark.extra_info["kernels"] = cuda_kernel_count(fn, *case.inputs)
+            benchmark.pedantic(fn, args=case.inputs, rounds=1, iterations=1)   # the table reads do_bench_ms
+        else:
+            benchmark.pedantic(fn, args=case.inputs, rounds=5 if B == 1 else 2, iterations=1)
+    if provider.startswith("compile"):
         torch._dynamo.reset()   # drop the compiled graphs with their case

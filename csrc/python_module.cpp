@@ -11,6 +11,7 @@
 #include <ATen/record_function.h>
 #include <torch/extension.h>
 
+#include <fasttrack/content_stamp.h>
 #include <fasttrack/cpu_isa.h>
 #include <fasttrack/output_cache.h>
 
@@ -61,6 +62,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("output_cache_bytes", &fasttrack::output_cache_bytes, "Bytes in free cached large-output buffers");
   m.def("output_cache_limit", &fasttrack::output_cache_limit, "FASTTRACK_CPU_CACHE_MB, in bytes");
   m.def("cpu_isa", &fasttrack::cpu_isa_name, "Vector ISA of the CPU kernels: avx512, avx2 or baseline");
+  m.def("content_stamp", &fasttrack::content_stamp,
+        "A 64-bit stamp of a CPU tensor's content (a stripe of its elements: every row and every column)");
   auto cpu = m.def_submodule("cpu", "Registered CPU kernels, called without the boxed Python dispatch");
   CpuKernel<Selection(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                       const OptTensor&, int64_t, int64_t, double)>::def(cpu, "topk_select");

@@ -15,5 +15,7 @@ from fasttrack.ops import (  # noqa: F401
 from fasttrack.ops import bipartite_merge, cosine_argmax  # noqa: F401
 
 from fasttrack.patch import patch_model  # noqa: F401,E402
+from fasttrack.nn.cuda_graph import graphed  # noqa: F401,E402
+from fasttrack.backend import sync_checks  # noqa: F401,E402
 
 __version__ = "0.1.0"

@@ -14,15 +14,56 @@ import torch  # noqa: F401  (the extension links against libtorch; load it first
 loaded: bool = False
 load_error: str | None = None
 
-if os.environ.get("FASTTRACK_DISABLE_C", "") not in ("", "0"):
-    load_error = "disabled by FASTTRACK_DISABLE_C"
-else:
+def _elf_problem(path: str) -> str | None:
+    """Why the ELF shared object at `path` cannot be loaded safely, or None. A file cut short (an
+    interrupted build or copy) is mapped by the loader past its end, and the first touch of the
+    missing pages kills the process with SIGBUS: refuse it before dlopen sees it."""
+    import struct
     try:
-        from fasttrack import _C  # noqa: F401  (registers the fasttrack:: ops on import)
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+                return "not a 64-bit little-endian ELF file"
+            phoff, shoff = struct.unpack_from("<QQ", head, 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 0x36)
+            if phoff + phentsize * phnum > size or shoff + shentsize * shnum > size:
+                return f"truncated ({size} bytes; its headers reach past the end)"
+            fh.seek(phoff)
+            table = fh.read(phentsize * phnum)
+            for i in range(phnum):
+                p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+                if p_type == 1 and p_offset + p_filesz > size:   # PT_LOAD
+                    return f"truncated ({size} bytes; a loadable segment ends at {p_offset + p_filesz})"
+    except OSError as e:
+        return f"unreadable ({e})"
+    return None
 
-        loaded = True
-    except Exception as e:  # ImportError, or an undefined symbol from a torch version mismatch
-        load_error = f"{type(e).__name__}: {e}"
+
+def _load() -> tuple[bool, str | None]:
+    import importlib.util
+    if os.environ.get("FASTTRACK_DISABLE_C", "") not in ("", "0"):
+        return False, "disabled by FASTTRACK_DISABLE_C"
+    try:
+        spec = importlib.util.find_spec("fasttrack._C")
+    except (ImportError, ValueError) as e:
+        spec, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = None
+    if spec is None or spec.origin is None:
+        return False, why or ("the compiled extension is not built (no fasttrack/_C*.so next to the package)")
+    problem = _elf_problem(spec.origin) if spec.origin.endswith(".so") else None
+    if problem:
+        return False, f"{spec.origin} is {problem}: rebuild it"
+    try:
+        from fasttrack import _C  # (registers the fasttrack:: ops on import)
+    except Exception as e:  # an undefined symbol from a torch version mismatch, ...
+        return False, f"{type(e).__name__}: {e}"
+    globals()["_C"] = _C
+    return True, None
+
+
+loaded, load_error = _load()
 
 if not loaded:
     warnings.warn(

@@ -59,3 +59,45 @@ def use_backend(name: str):
         _state.name = prev
         with _overrides_lock:
             _overrides -= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Value checks on GPU tensors
+# ------------------------------------------------------------------------------------------------
+# Reading a value back from a CUDA tensor stalls the host until the GPU has caught up, and makes a
+# call impossible to capture in a CUDA graph. So on CUDA the value checks of the Triton launchers
+# (index ranges, NaN scores) are device-side asserts (`torch._assert_async`: no host read; a
+# failure surfaces as a CUDA error at the next synchronisation) and the kernels never read or write
+# outside their tensors whatever the values. `FASTTRACK_SYNC_CHECKS=1` (or `sync_checks()`) checks
+# on the host instead and raises the same ValueError as the CPU kernels (for debugging). CPU calls
+# always check on the host: there it costs nothing. gather_tokens / pad_scatter keep their own
+# per-call switch, ``check_index``.
+_ENV_SYNC_CHECKS = os.environ.get("FASTTRACK_SYNC_CHECKS", "0") not in ("", "0")
+_sync_overrides = 0
+
+
+def sync_checks_enabled() -> bool:
+    """Whether GPU value checks read back to the host in this thread (see `sync_checks`)."""
+    if _sync_overrides:
+        flag = getattr(_state, "sync_checks", None)
+        if flag is not None:
+            return flag
+    return _ENV_SYNC_CHECKS
+
+
+@contextlib.contextmanager
+def sync_checks(enabled: bool = True):
+    """Check op inputs' values on the host on GPU tensors too (one synchronisation per check), so a
+    bad index or a NaN score raises the documented ValueError at the call instead of a device-side
+    assert. This thread, inside the block."""
+    global _sync_overrides
+    prev = getattr(_state, "sync_checks", None)
+    _state.sync_checks = bool(enabled)
+    with _overrides_lock:
+        _sync_overrides += 1
+    try:
+        yield
+    finally:
+        _state.sync_checks = prev
+        with _overrides_lock:
+            _sync_overrides -= 1

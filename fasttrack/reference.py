@@ -201,13 +201,22 @@ def _unit(m: torch.Tensor) -> torch.Tensor:
 def cosine_argmax(src, dst):
     """For each row of ``src [B, S, Cm]``, the most cosine-similar row of ``dst [B, T, Cm]``:
     returns ``(max_similarity [B, S] float32, argmax [B, S] int64)``; ties go to the lower dst
-    index; zero vectors have similarity 0 with everything."""
+    index; zero vectors have similarity 0 with everything. Non-finite rows: a row with a NaN or
+    infinite entry has NaN similarity with everything (``x / ||x||``); a NaN similarity never wins,
+    and a source whose similarities are all NaN gets index 0 and max_similarity NaN. ``T = 0`` is
+    allowed only with ``S = 0`` (empty outputs)."""
+    B, S, T = src.shape[0], src.shape[1], dst.shape[1]
+    if S == 0 or T == 0:
+        return (torch.empty(B, S, dtype=torch.float32, device=src.device),
+                torch.zeros(B, S, dtype=torch.int64, device=src.device))
     sim = _unit(_acc(src)) @ _unit(_acc(dst)).transpose(1, 2)
-    best, arg = sim.max(dim=-1)
+    nan = torch.isnan(sim)
+    sim = sim.masked_fill(nan, -math.inf)
+    best, _ = sim.max(dim=-1)
     # torch.max does not promise the first maximum: take the lowest index attaining it
-    first = torch.where(sim == best.unsqueeze(-1), torch.arange(sim.shape[-1], device=sim.device),
-                        sim.shape[-1]).amin(dim=-1)
-    return best, first
+    first = torch.where(sim == best.unsqueeze(-1), torch.arange(T, device=sim.device), T).amin(dim=-1)
+    best = best.masked_fill(nan.all(dim=-1), math.nan)
+    return best.float(), first
 
 
 def merge_tokens(z, score, proj, metric, keep_ratio, reduce="sum"):
@@ -259,11 +268,15 @@ def bipartite_merge(x, r, metric=None, size=None, protected=0):
 
     Returns ``(merged [B, N - r, C], size [B, N - r, 1])``, ordered ``cat([unmerged A, B])`` as ToMe:
     unmerged A tokens in descending-similarity order, or in A order when ``protected > 0`` (ToMe
-    sorts them when it protects a class token). ``size`` defaults to ones.
+    sorts them when it protects a class token). ``size`` defaults to ones. As ToMe, ``r`` is first
+    clamped to ``(N - protected) // 2``; ``r <= 0`` then merges nothing and returns ``x`` itself.
     """
     B, N, C = x.shape
     m = x if metric is None else metric
     size = torch.ones(B, N, 1, dtype=x.dtype, device=x.device) if size is None else size
+    r = min(r, (N - protected) // 2)
+    if r <= 0:   # ToMe's do_nothing
+        return x, size
     a, b = _unit(_acc(m[:, ::2])), _unit(_acc(m[:, 1::2]))
     sim = a @ b.transpose(1, 2)
     na, nb = sim.shape[1], sim.shape[2]

@@ -1,5 +1,8 @@
 """Tracker-sized networks of the four families, each as a (reference, fused) pair on one input.
 
+Inputs follow the official trackers' test-time calls: OSTrack and UTPTrack-O score candidates from the
+template centre (``ce_template_mask="ctr_point"``, the rows of OSTrack's CTR_POINT mask).
+
 Used by the demo (`python -m fasttrack.demo`), the whole-tracker benchmarks (`bench/bench_trackers.py`)
 and `python -m bench profile`. Weights are random with a fixed seed (or a checkpoint for OSTrack);
 the fused network always shares the reference network's parameters (`from_reference`).
@@ -74,7 +77,7 @@ def _removed(out):
 
 
 def _ostrack(batch, dtype, config="vitb_256_mae_ce", checkpoint=None, seed=0, depth=None):
-    from fasttrack.nn.ostrack import OSTRACK_CONFIGS, FusedOSTrack, build_ostrack, ctr_point_mask
+    from fasttrack.nn.ostrack import OSTRACK_CONFIGS, FusedOSTrack, build_ostrack
     torch.manual_seed(seed)
     ref = build_ostrack(config, depth=depth or 12)
     if checkpoint:
@@ -84,7 +87,7 @@ def _ostrack(batch, dtype, config="vitb_256_mae_ce", checkpoint=None, seed=0, de
     t, s = OSTRACK_CONFIGS[config]
     z, x = _images(batch, t, s, dtype, torch.Generator().manual_seed(seed))
     return TrackerCase(f"OSTrack-{s}-CE", f"ViT-B/16 {t}/{s} px, CE at 3/6/9 keep 0.7, CENTER head", ref, fused,
-                       (z, x, ctr_point_mask(batch, t // 16)), features=lambda o: o["backbone_feat"],
+                       (z, x, "ctr_point"), features=lambda o: o["backbone_feat"],
                        indices=_removed, boxes=lambda o: o["pred_boxes"])
 
 

@@ -15,8 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fasttrack.kernels import INTERPRET
+from fasttrack import _opchecks as checks
+from fasttrack.kernels import INTERPRET, TRITON_BEFORE_3_7
 from fasttrack.kernels._aot import AotSpec
+from fasttrack.kernels._checks import index_in_range
 
 MAX_LENGTH = 1024   # the candidates' keys are sorted in one program's registers
 
@@ -34,8 +36,9 @@ def _select_store(score, b, L, K, gi_ptr, s_gb, s_gl, keep_ptr, removed_ptr, kee
         bits = score.to(tl.uint32, bitcast=True)
         bits = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC00000, bits)
         bits = tl.where(bits == 0x80000000, 0, bits)
-        ascending = tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
-        key = ((~ascending).to(tl.uint64) << 32) | j.to(tl.uint64)
+        # `x ^ 0xFFFFFFFF` is ~x on uint32 (triton < 3.9's interpreter overflows numpy on unsigned ~)
+        ascending = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+        key = ((ascending ^ 0xFFFFFFFF).to(tl.uint64) << 32) | j.to(tl.uint64)
         key = tl.where(valid, key, 0xFFFFFFFFFFFFFFFF)
         idx = (tl.sort(key, 0) & 0xFFFFFFFF).to(tl.int64)
     if HAS_GI:
@@ -200,20 +203,24 @@ def _topk_select_qk_kernel(q_ptr, k_ptr, x_ptr, qi_ptr, qw_ptr, bonus_ptr, gi_pt
 # ----------------------------------------------------------------------------------------------
 # Launchers (the registered CUDA kernels; on CPU tensors they run under the interpreter)
 # ----------------------------------------------------------------------------------------------
-def _config(L: int, R: int, C: int, D: int | None = None) -> dict:
+def _config(L: int, R: int, C: int, D: int | None = None, dtype=None) -> dict:
     """Block sizes for a problem. Row tiles stay at <= 4096 fp32 elements (32/thread at 4 warps)."""
     block_l = max(16, triton.next_power_of_2(L))
     block_c = min(256, max(16, triton.next_power_of_2(C)))
     cfg = dict(BLOCK_L=block_l, BLOCK_T=max(1, 2048 // block_c), BLOCK_C=block_c,
                num_warps=8 if block_l >= 1024 else 4)
     if D is None:
-        cfg["BLOCK_R"] = min(triton.next_power_of_2(R), max(1, 4096 // block_l))
+        # triton < 3.7 spills a 64-row tile at L=32/64 (AOT report): 32 rows there
+        cfg["BLOCK_R"] = min(triton.next_power_of_2(R), max(1, 4096 // block_l), 32 if TRITON_BEFORE_3_7 else 64)
         return cfg
     # tl.dot needs every dim >= 16. 16×32 logits tiles over 8 warps do not spill on sm_80 or sm_90
     # (ptxas -v); 32-row or 64-key tiles, or 4 warps, do for some dtype / arch (the fp32 IEEE dot
     # runs on FMA units and holds the most registers).
     block_d = max(16, triton.next_power_of_2(D))
-    cfg.update(BLOCK_R=16, BLOCK_D=block_d, BLOCK_N=32 if block_d <= 64 else 16, num_warps=8)
+    # triton < 3.7 caps this kernel at 128 registers on sm_90 and the fp32 (FMA) dot of a 32-key tile
+    # spills there: 16-key tiles (fp32 only; the native half dot fits)
+    narrow = block_d > 64 or (TRITON_BEFORE_3_7 and dtype == torch.float32)
+    cfg.update(BLOCK_R=16, BLOCK_D=block_d, BLOCK_N=16 if narrow else 32, num_warps=8)
     return cfg
 
 
@@ -221,10 +228,8 @@ def _check_values(op, n, query_index, length):
     if length > MAX_LENGTH:
         raise ValueError(f"fasttrack.{op}: the Triton kernel handles `length` <= {MAX_LENGTH} candidates "
                          f"(they are ranked in registers), got {length}")
-    # One host sync on CUDA; an out-of-range row would read outside attn / q.
-    if query_index.numel() and bool(((query_index < 0) | (query_index >= n)).any()):
-        bad = query_index[(query_index < 0) | (query_index >= n)][0].item()
-        raise ValueError(f"fasttrack.{op}: `query_index` values must be in [0, N={n}), got {bad}")
+    # an out-of-range row would read outside attn / q (kernels/_checks.py: host or device check)
+    index_in_range(query_index, n, op, "query_index")
 
 
 def _outputs(x, length, keep):
@@ -252,6 +257,8 @@ def _keep_count(keep_ratio, length):
 
 
 def topk_select(attn, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio):
+    # the registered CUDA kernel: a raw torch.ops call reaches it unchecked otherwise
+    checks.topk_select(attn, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio)
     B, H, N, _ = attn.shape
     C, R = x.shape[2], query_index.shape[1]
     _check_values("topk_select", N, query_index, length)
@@ -269,6 +276,7 @@ def topk_select(attn, x, query_index, query_weight, bonus, global_index, start, 
 
 
 def topk_select_qk(q, k, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, scale):
+    checks.topk_select_qk(q, k, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, scale)
     B, H, N, D = q.shape
     C, R = x.shape[2], query_index.shape[1]
     _check_values("topk_select_qk", N, query_index, length)
@@ -278,7 +286,7 @@ def topk_select_qk(q, k, x, query_index, query_weight, bonus, global_index, star
         return out
     (w, bo, g), opt_strides, flags = _optional_args(x, query_weight, bonus, global_index)
     dot_native = _dot_native(q.dtype)
-    cfg = _config(length, R, C, D)
+    cfg = _config(length, R, C, D, q.dtype)
     stats = torch.empty(B, H, R, 2, dtype=torch.float32, device=q.device)
     score = torch.empty(B, cfg["BLOCK_L"], dtype=torch.float32, device=q.device)
     _topk_select_qk_kernel[(B,)](
@@ -324,7 +332,7 @@ def _aot_specs():
             sig = dict(attn_ptr=f"*{t}", x_ptr=f"*{t}", qw_ptr=f"*{t}", bonus_ptr=f"*{t}", tok_ptr=f"*{t}",
                        **idx_ptrs, **dict.fromkeys(ints1 + strides1, "i32"))
             specs.append(AotSpec(_topk_select_kernel, sig, {**flags, **cfg}, num_warps=nw, name=tag))
-            cfg = _config(L, R, 768, 64)
+            cfg = _config(L, R, 768, 64, dtype)
             nw = cfg.pop("num_warps")
             sig = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", x_ptr=f"*{t}", qw_ptr=f"*{t}", bonus_ptr=f"*{t}",
                        tok_ptr=f"*{t}", stats_ptr="*fp32", score_ptr="*fp32", scale="fp32", **idx_ptrs,

@@ -26,26 +26,11 @@ export MAX_JOBS="${MAX_JOBS:-2}"
 say() { printf '[check-cuda-build] %s\n' "$*"; }
 die() { printf '[check-cuda-build] FAILED: %s\n' "$*" >&2; exit 1; }
 
-# --- the CUDA toolkit: the directory whose include/ holds cuda_runtime.h --------------------------
-# The nvcc first on PATH may be a wrapper script, so its own location proves nothing; nvcc --dryrun
-# prints the toolkit root it really runs from (TOP=...).
-has_runtime() { [ -n "${1:-}" ] && [ -f "$1/include/cuda_runtime.h" ]; }
-find_cuda_home() {
-  if [ -n "${CUDA_HOME:-}" ]; then
-    has_runtime "$CUDA_HOME" || die "CUDA_HOME=$CUDA_HOME has no include/cuda_runtime.h"
-    echo "$CUDA_HOME"; return
-  fi
-  local nvcc top
-  nvcc="$(command -v nvcc || true)"
-  [ -n "$nvcc" ] || { has_runtime /usr/local/cuda && { echo /usr/local/cuda; return; }; die "no nvcc on PATH and no CUDA_HOME"; }
-  top="$("$nvcc" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n1 || true)"
-  if [ -n "$top" ] && has_runtime "$top"; then (cd "$top" && pwd -P); return; fi
-  top="$(dirname "$(dirname "$(readlink -f "$nvcc")")")"
-  has_runtime "$top" && { echo "$top"; return; }
-  die "cannot find the CUDA toolkit of $nvcc: set CUDA_HOME to the directory whose include/ holds cuda_runtime.h"
-}
+# --- the CUDA toolkit ------------------------------------------------------------------------------
+# shellcheck source=scripts/cuda_env.sh
+. "$ROOT/scripts/cuda_env.sh"
 command -v "${CXX:-c++}" >/dev/null || die "no C++ compiler (${CXX:-c++}) on PATH"
-CUDA_HOME="$(find_cuda_home)"
+CUDA_HOME="$(find_cuda_home)" || die "no CUDA toolkit (see above)"
 export CUDA_HOME
 export PATH="$CUDA_HOME/bin:$PATH"
 say "CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'))"
@@ -77,34 +62,7 @@ export CPATH="$NV_INCLUDE${CPATH:+:$CPATH}"
 
 # --- mirror the sources, then a non-editable install from the mirror -----------------------------
 SRC="$VENV/src"
-"$PY" - "$ROOT" "$SRC" <<'EOF'
-import filecmp, os, shutil, sys
-root, dst = sys.argv[1:]
-tops = ["setup.py", "pyproject.toml", "README.md", "csrc", "fasttrack", "kernels"]
-skip_dirs = {"__pycache__", ".pytest_cache"}
-want = set()
-for top in tops:
-    src = os.path.join(root, top)
-    if os.path.isfile(src):
-        want.add(top)
-    for d, dirs, files in os.walk(src):
-        dirs[:] = [x for x in dirs if x not in skip_dirs]
-        for f in files:
-            if not f.endswith((".so", ".pyc")):
-                want.add(os.path.relpath(os.path.join(d, f), root))
-for rel in sorted(want):  # rewrite only what changed: unchanged mtimes keep ninja incremental
-    s, t = os.path.join(root, rel), os.path.join(dst, rel)
-    if not (os.path.exists(t) and filecmp.cmp(s, t, shallow=False)):
-        os.makedirs(os.path.dirname(t), exist_ok=True)
-        shutil.copy2(s, t)
-for top in tops:
-    for d, dirs, files in os.walk(os.path.join(dst, top)):
-        dirs[:] = [x for x in dirs if x not in skip_dirs]
-        for f in files:
-            rel = os.path.relpath(os.path.join(d, f), dst)
-            if rel not in want:
-                os.remove(os.path.join(d, f))
-EOF
+"$PY" "$ROOT/scripts/mirror_tree.py" "$ROOT" "$SRC" setup.py pyproject.toml README.md csrc fasttrack kernels
 say "building (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default}, MAX_JOBS=$MAX_JOBS)"
 LOG="$VENV/build.log"
 if ! (cd "$SRC" && FORCE_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps . >"$LOG" 2>&1); then

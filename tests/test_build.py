@@ -35,6 +35,39 @@ def _find_nvcc() -> str | None:
     return _find("nvcc", *([f"{home}/bin/nvcc"] if home else []), "/usr/local/cuda/bin/nvcc")
 
 
+def _cuda_toolkit() -> str | None:
+    """The CUDA toolkit directory (whose include/ holds cuda_runtime.h): CUDA_HOME, else the root the
+    nvcc on PATH really runs from (it may be a wrapper script: `nvcc --dryrun` prints TOP=...)."""
+    def ok(d):
+        return d and os.path.isfile(os.path.join(d, "include", "cuda_runtime.h"))
+    home = os.environ.get("CUDA_HOME")
+    if ok(home):
+        return os.path.realpath(home)
+    nvcc = _find_nvcc()
+    if nvcc:
+        r = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", "/dev/null", "-o", "/dev/null"], capture_output=True,
+                           text=True)
+        top = next((ln.split("TOP=", 1)[1].strip() for ln in (r.stdout + r.stderr).splitlines() if "TOP=" in ln), None)
+        if ok(top):
+            return os.path.realpath(top)
+        up = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if ok(up):
+            return up
+    return "/usr/local/cuda" if ok("/usr/local/cuda") else None
+
+
+def _torch_cuda_args() -> list[str]:
+    """With a CUDA build of torch, LibTorch's CMake config looks for the CUDA toolkit: point it at the
+    real one (the nvcc on PATH may be a wrapper it cannot use)."""
+    import torch
+    if torch.version.cuda is None:
+        return []
+    home = _cuda_toolkit()
+    if home is None:
+        pytest.skip("torch is a CUDA build, but no CUDA toolkit was found for its CMake config")
+    return [f"-DCUDAToolkit_ROOT={home}", f"-DCMAKE_CUDA_COMPILER={home}/bin/nvcc", f"-DCUDA_TOOLKIT_ROOT_DIR={home}"]
+
+
 def _require(name: str, path: str | None) -> str:
     if path is None:
         if os.environ.get("CI", "").lower() in ("1", "true"):
@@ -68,7 +101,7 @@ def cmake_tree():
     BUILD.mkdir(parents=True, exist_ok=True)
     with open(BUILD.parent / "cmake.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        cmd = [cmake, "-S", ROOT, "-B", BUILD, f"-DPython3_EXECUTABLE={sys.executable}",
+        cmd = [cmake, "-S", ROOT, "-B", BUILD, f"-DPython3_EXECUTABLE={sys.executable}", *_torch_cuda_args(),
                *(["-DFASTTRACK_NVCC_CHECK=ON", f"-DFASTTRACK_NVCC={nvcc}"] if nvcc else ["-DFASTTRACK_NVCC_CHECK=OFF"])]
         if not (BUILD / "CMakeCache.txt").exists() and shutil.which("ninja"):
             cmd += ["-G", "Ninja"]  # the generator of an existing tree cannot change

@@ -9,15 +9,15 @@ import torch
 import fasttrack
 from fasttrack import reference as R
 from fasttrack.ops.merge_tokens import MERGE_TOKENS
+from tests import helpers
 from tests.tolerances import assert_close
 
-KERNELS = ("native", "triton")
+KERNELS = helpers.kernels()
 HALF = (torch.float16, torch.bfloat16)
 
 
 def run(kernel, z, keep_ratio, **kw):
-    with fasttrack.use_backend(kernel):
-        return fasttrack.merge_tokens(z, keep_ratio, **kw)
+    return helpers.call(kernel, fasttrack.merge_tokens, z, keep_ratio, **kw)
 
 
 def make(B, N, C, dtype, *, use_proj, with_metric=False, seed=0):
@@ -68,11 +68,13 @@ NATIVE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kernel", helpers.kernels(triton=False))
 @pytest.mark.parametrize("T,L,C,r,B,dtype,reduce,use_proj", NATIVE_CASES,
                          ids=lambda p: str(p).replace("torch.", ""))
-def test_native_parity_tracker_shapes(T, L, C, r, B, dtype, reduce, use_proj):
+def test_parity_tracker_shapes(kernel, T, L, C, r, B, dtype, reduce, use_proj):
+    """The C++ kernel, and the compiled Triton kernel on a CUDA device."""
     z, score, proj, metric = make(B, T * L, C, dtype, use_proj=use_proj)
-    check_parity("native", z, score, proj, metric, r, reduce)
+    check_parity(kernel, z, score, proj, metric, r, reduce)
 
 
 # The interpreter runs each program in Python: tracker channel counts with few tokens, or the
@@ -85,6 +87,7 @@ TRITON_CASES = [
 ]
 
 
+@pytest.mark.skipif("triton" not in KERNELS, reason="the Triton interpreter runs only without a CUDA device")
 @pytest.mark.parametrize("T,L,C,r,B,dtype,reduce,use_proj", TRITON_CASES,
                          ids=lambda p: str(p).replace("torch.", ""))
 def test_triton_parity_tracker_shapes(T, L, C, r, B, dtype, reduce, use_proj):
@@ -135,7 +138,7 @@ def test_exact_ties(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_deterministic_bits(kernel):
-    B, N, C = (4, 320, 768) if kernel == "native" else (1, 96, 128)
+    B, N, C = (1, 96, 128) if kernel == "triton" else (4, 320, 768)
     z, score, _, _ = make(B, N, C, torch.float32, use_proj=False)
     z = z.float() * 10
     first = run(kernel, z, 0.5, score=score, reduce="mean")
@@ -191,8 +194,7 @@ def test_cosine_argmax_parity(kernel, dtype):
     dst[1, 0] = 0
     dst[1, 9] = dst[1, 5]               # exact duplicate: ties -> 5
     src[1, 7] = dst[1, 5] * 2
-    with fasttrack.use_backend(kernel):
-        best, arg = fasttrack.cosine_argmax(src, dst)
+    best, arg = helpers.call(kernel, fasttrack.cosine_argmax, src, dst)
     eb, ea = R.cosine_argmax(src, dst)
     assert torch.equal(arg, ea) and arg[0, 4] == 0 and arg[1, 7] == 5
     assert best.dtype == torch.float32
@@ -239,10 +241,12 @@ def test_bipartite_matches_tome(kernel, B, N, C, r, protected):
         pytest.skip("interpreter: the smaller shapes cover the Triton kernel")
     x = torch.randn(B, N, C, dtype=torch.float64)
     xk, xt = x.float().requires_grad_(True), x.float().requires_grad_(True)
-    with fasttrack.use_backend(kernel):
-        got, size = fasttrack.bipartite_merge(xk, r, protected=protected)
-        # a second round carries the sizes, as ToMe's layers do
-        got2, size2 = fasttrack.bipartite_merge(got, r // 2, size=size, protected=protected)
+
+    def two_rounds(x):   # the second round carries the sizes, as ToMe's layers do
+        got, size = fasttrack.bipartite_merge(x, r, protected=protected)
+        return (got, size) + fasttrack.bipartite_merge(got, r // 2, size=size, protected=protected)
+
+    got, size, got2, size2 = helpers.call(kernel, two_rounds, xk)
     want, wsize = tome_bipartite(xt, r, class_token=protected == 1)
     want2, wsize2 = tome_bipartite(want, r // 2, class_token=protected == 1, size=wsize)
     assert got.shape == (B, N - r, C)
@@ -316,11 +320,14 @@ def test_nan_scores_name_the_argument(kernel):
 
 
 def test_bipartite_bad_r():
+    """ToMe clamps r to the mergeable count; clamp=False refuses instead."""
     x = torch.randn(2, 11, 4)
     with pytest.raises(ValueError, match="`r` must be an int in \\[0, .* = 5\\]"):
-        fasttrack.bipartite_merge(x, 6)
+        fasttrack.bipartite_merge(x, 6, clamp=False)
     with pytest.raises(ValueError, match="`r` must be an int in \\[0, .* = 4\\]"):
-        fasttrack.bipartite_merge(x, 5, protected=2)
+        fasttrack.bipartite_merge(x, 5, protected=2, clamp=False)
+    with pytest.raises(TypeError, match="`r` must be an int"):
+        fasttrack.bipartite_merge(x, 2.5)
     with pytest.raises(ValueError, match="`metric`"):
         fasttrack.bipartite_merge(x, 2, metric=torch.randn(2, 10, 4))
 

@@ -265,8 +265,8 @@ def test_unrecognised_block_is_reported_and_registration():
         with pytest.raises(ValueError, match="before"):
             register_recognizer("test.x", match=lambda m: False, build=FusedOdd, before="nope")
     finally:
-        from fasttrack import patch as P
-        P._TABLE[:] = [r for r in P._TABLE if r.name in names_before]
+        from fasttrack.nn import _recognizers as table
+        table._TABLE[:] = [r for r in table._TABLE if r.name in names_before]
     assert [r.name for r in recognizers()] == names_before
 
 

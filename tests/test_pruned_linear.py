@@ -10,10 +10,11 @@ import fasttrack
 from fasttrack import _extension, reference
 from fasttrack.backend import use_backend
 from fasttrack.nn.pruned import PrunedLinear
+from tests import helpers
 from tolerances import TOL, assert_close
 
 native_only = pytest.mark.skipif(not _extension.loaded, reason="the native CPU kernel needs fasttrack._C")
-KERNELS = [pytest.param("native", marks=native_only), "triton"]
+KERNELS = helpers.kernels()
 LOW = (torch.float16, torch.bfloat16)
 
 
@@ -35,8 +36,7 @@ def _make(M, d_in, k, d_out, dtype, bias=True, ln=False, contiguous=True, lead=(
 
 
 def _run(kernel, args):
-    with use_backend("triton" if kernel == "triton" else "native"):
-        return fasttrack.ops.dispatch("pruned_linear", *args)
+    return helpers.call(kernel, fasttrack.ops.dispatch, "pruned_linear", *args)
 
 
 def _tol_scale(dtype, ln):
@@ -60,14 +60,15 @@ NATIVE_CASES = [
 ]
 
 
-@native_only
+@pytest.mark.parametrize("kernel", helpers.kernels(triton=False))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=lambda c: "M{}-{}-{}-{}{}{}".format(
     c[0], c[1], c[2], c[3], "-ln" if c[4] else "", "" if c[5] else "-nobias"))
-def test_native_forward_parity(case, dtype):
+def test_forward_parity_tracker_shapes(kernel, case, dtype):
+    """The C++ kernel, and the compiled Triton kernel on a CUDA device."""
     M, d_in, k, d_out, ln, bias = case
     args = _make(M, d_in, k, d_out, dtype, bias=bias, ln=ln, lead=(2,) if M == 7 else ())
-    out = _run("native", args)
+    out = _run(kernel, args)
     assert out.dtype == dtype and out.shape == (*args[0].shape[:-1], d_out)
     assert_close(out, reference.pruned_linear(*args), scale=_tol_scale(dtype, ln))
 
@@ -86,9 +87,15 @@ def test_non_contiguous_x(kernel, dtype, ln):
     x, *rest = _make(9, 50, 37, 33, dtype, ln=ln, contiguous=False, lead=(3,))
     assert not x.is_contiguous()
     xt = torch.randn(9, 3, 50).to(dtype).transpose(0, 1)      # leading dims that cannot be merged
-    for xx in (x, xt):
-        args = (xx, *rest)
-        assert_close(_run(kernel, args), reference.pruned_linear(*args), scale=_tol_scale(dtype, ln))
+
+    def strided_on_device(x, xt, *rest):   # a move to another device copies views contiguous
+        views = (torch.stack([x, x], -1)[..., 0], xt.transpose(0, 1).contiguous().transpose(0, 1))
+        assert not any(v.is_contiguous() for v in views)
+        return [fasttrack.ops.dispatch("pruned_linear", v, *rest) for v in views]
+
+    got = helpers.call(kernel, strided_on_device, x, xt, *rest)
+    for xx, out in zip((x, xt), got):
+        assert_close(out, reference.pruned_linear(xx, *rest), scale=_tol_scale(dtype, ln))
 
 
 # interpreter cases: small M·d_out (each program is interpreted in numpy)
@@ -101,6 +108,7 @@ TRITON_CASES = [
 ]
 
 
+@pytest.mark.skipif("triton" not in KERNELS, reason="the Triton interpreter runs only without a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "M{}-{}-{}-{}{}{}".format(
     c[0], c[1], c[2], c[3], "-ln" if c[4] else "", "" if c[5] else "-nobias"))
@@ -295,7 +303,7 @@ def test_bad_input_direct_op_call(name, bad, match):
 
 
 def test_ln_params_without_normalize_rejected():
-    from fasttrack.ops.pruned_linear import check_args
+    from fasttrack._opchecks import pruned_linear as check_args
     kw = _good()
     with pytest.raises(ValueError, match="`ln_weight` is given but normalize=False"):
         check_args(kw["x"], kw["weight"], kw["bias"], kw["in_index"], kw["ln_weight"],

@@ -20,14 +20,11 @@ import torch
 import fasttrack
 from fasttrack import _extension, reference
 from fasttrack.ops.topk_select import SHAPES, grid_attention, make_inputs
+from tests import helpers
 
-KERNELS = (["native"] if _extension.loaded else []) + ["triton"]
+KERNELS = helpers.kernels()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def backend(kernel):
-    # "auto" is the default dispatch (C++ on CPU), whatever FASTTRACK_BACKEND says
-    return fasttrack.use_backend("auto" if kernel == "native" else kernel)
+call = helpers.call
 
 
 def run(args, qk=False):
@@ -102,8 +99,8 @@ def assert_consistent_selection(out, args, qk=False, rel_eps=1e-5):
 
 
 # ----------------------------------------------------------------------------------------------- parity
-# (shape, B, all template rows, dtype): the C++ kernel at every tracker shape / batch / dtype, the
-# interpreter on a few (it is slow) that still cover every shape, dtype and optional input.
+# (shape, B, all template rows, dtype): the C++ and CUDA kernels at every tracker shape / batch /
+# dtype, the interpreter on a few (it is slow) that still cover every shape, dtype and optional input.
 NATIVE_CASES = [("ostrack256", 1, all_rows, dt) for all_rows in (False, True) for dt in DTYPES]
 NATIVE_CASES += [("ostrack256", 32, False, torch.float32), ("ostrack256", 32, True, torch.float32),
                  ("ostrack256", 32, False, torch.bfloat16)]
@@ -124,23 +121,21 @@ def _params(cases, kernel):
 TRITON_QK_CASES = [("ostrack256", 1, False, torch.float32), ("ostrack256", 1, True, torch.bfloat16),
                    ("utptrack_s", 2, False, torch.bfloat16), ("utptrack_s_ste", 1, False, torch.float32),
                    ("odd", 3, False, torch.float32), ("odd", 2, False, torch.float16)]
-PARITY = _params(NATIVE_CASES, "native") + _params(TRITON_CASES, "triton")
-PARITY_QK = _params(NATIVE_CASES, "native") + _params(TRITON_QK_CASES, "triton")
+PARITY = _params(NATIVE_CASES, "native") + _params(TRITON_CASES, "triton") + _params(NATIVE_CASES, "cuda")
+PARITY_QK = _params(NATIVE_CASES, "native") + _params(TRITON_QK_CASES, "triton") + _params(NATIVE_CASES, "cuda")
 
 
 @pytest.mark.parametrize("kernel,name,B,all_rows,dtype", PARITY)
 def test_topk_select_exact_parity(kernel, name, B, all_rows, dtype):
     args = make_inputs(name, B, dtype, all_rows=all_rows)
-    with backend(kernel):
-        out = run(args)
+    out = call(kernel, run, args)
     assert_equal_outputs(out, reference_of(args))
 
 
 @pytest.mark.parametrize("kernel,name,B,all_rows,dtype", PARITY_QK)
 def test_topk_select_qk_parity(kernel, name, B, all_rows, dtype):
     args = make_inputs(name, B, dtype, all_rows=all_rows, qk=True)
-    with backend(kernel):
-        out = run(args, qk=True)
+    out = call(kernel, run, args, qk=True)
     assert_consistent_selection(out, args, qk=True)
 
 
@@ -152,8 +147,7 @@ def test_topk_select_softmax_attention(kernel, name, all_rows):
     args = list(make_inputs(name, B, torch.float32, all_rows=all_rows))
     s = SHAPES[name]
     args[0] = torch.softmax(torch.randn(B, s.H, s.N, s.N) * 2, dim=-1)
-    with backend(kernel):
-        out = run(args)
+    out = call(kernel, run, args)
     assert_consistent_selection(out, args)
 
 
@@ -168,22 +162,28 @@ def test_native_qk_matches_reference_exactly():
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_non_contiguous_and_float64_inputs(kernel):
     attn, x, qi, w, bonus, gi, start, L, ratio = make_inputs("odd", 3, torch.float64)
-    attn_t = attn.transpose(2, 3).contiguous().transpose(2, 3)        # a strided last dim
-    x_s = torch.cat([x, x], 2)[:, :, ::2]                                  # strided channels
-    qi_s = torch.cat([qi, qi], 1)[:, ::2]
-    gi_s = torch.cat([gi, gi], 1)[:, ::2]
     bonus = grid_attention((3, L), torch.float64)
-    assert not any(t.is_contiguous() for t in (attn_t, x_s, qi_s, gi_s))
-    args = (attn_t, x_s, qi_s, w, bonus[:, :], gi_s, start, L, ratio)
-    with backend(kernel):
-        out = run(args)
-    assert_equal_outputs(out, reference_of(args))
-    q = torch.randn(3, 3, 45, 48, dtype=torch.float64)[..., ::2]
-    k = torch.randn(3, 3, 45, 24, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)
-    args = (q, k, x_s, qi_s, w, bonus, gi_s, start, L, ratio, 0.2)
-    with backend(kernel):
-        out = run(args, qk=True)
-    assert_consistent_selection(out, args, qk=True)
+    q = torch.randn(3, 3, 45, 48, dtype=torch.float64)
+    k = torch.randn(3, 3, 45, 24, dtype=torch.float64)
+
+    def strided(attn, x, qi, gi, q, k):
+        """Strided views, made on the kernel's device (a move to another device would copy them)."""
+        views = (attn.transpose(2, 3).contiguous().transpose(2, 3),     # a strided last dim
+                 torch.cat([x, x], 2)[:, :, ::2],                       # strided channels
+                 torch.cat([qi, qi], 1)[:, ::2], torch.cat([gi, gi], 1)[:, ::2],
+                 q[..., ::2], k.transpose(1, 2).contiguous().transpose(1, 2))
+        assert not any(t.is_contiguous() for t in views)
+        return views
+
+    def both(attn, x, qi, gi, q, k, bonus):
+        a, xs, qs, gs, qv, kv = strided(attn, x, qi, gi, q, k)
+        return run((a, xs, qs, w, bonus, gs, start, L, ratio)), run((qv, kv, xs, qs, w, bonus, gs, start, L, ratio, 0.2),
+                                                                    qk=True)
+
+    sel, sel_qk = call(kernel, both, attn, x, qi, gi, q, k, bonus)
+    a, xs, qs, gs, qv, kv = strided(attn, x, qi, gi, q, k)
+    assert_equal_outputs(sel, reference_of((a, xs, qs, w, bonus, gs, start, L, ratio)))
+    assert_consistent_selection(sel_qk, (qv, kv, xs, qs, w, bonus, gs, start, L, ratio, 0.2), qk=True)
 
 
 # --------------------------------------------------------------------------------------- semantics
@@ -197,8 +197,7 @@ def test_hand_built_ties(kernel):
     attn[:, :, 0, start:start + L] = vals
     x = torch.arange(N, dtype=torch.float32).view(1, N, 1).expand(B, N, 3).contiguous()
     qi = torch.zeros(B, 1, dtype=torch.long)
-    with backend(kernel):
-        sel = fasttrack.topk_select(attn, x, qi, 0.5, start=start, length=L)
+    sel = call(kernel, fasttrack.topk_select, attn, x, qi, 0.5, start=start, length=L)
     assert sel.keep_index.tolist() == [[1, 2, 4, 9, 3]]
     assert sel.removed_index.tolist() == [[7, 0, 5, 6, 8]]
     assert sel.tokens[0, :, 0].tolist() == [0, 1, 3, 4, 6, 11, 5]
@@ -219,8 +218,7 @@ def test_chained_selections_track_global_positions(kernel):
         N = ours[0].shape[1]
         attn = grid_attention((B, H, N, N), torch.float32, generator=g)
         L = N - lens_t
-        with backend(kernel):
-            sel = fasttrack.topk_select(attn, ours[0], qi, 0.7, start=lens_t, global_index=ours[1])
+        sel = call(kernel, fasttrack.topk_select, attn, ours[0], qi, 0.7, start=lens_t, global_index=ours[1])
         r = reference.topk_select(attn, ref[0], qi, None, None, ref[1], lens_t, L, 0.7)
         assert sel.keep_index.shape[1] == expected_len
         ours = (sel.tokens, sel.keep_global, ours[2] + [sel.removed_global])
@@ -239,8 +237,7 @@ def test_k_equals_L_is_identity(kernel, qk, ratio):
     args = list(make_inputs("odd", 2, torch.float32, qk=qk))
     args[-2 if qk else -1] = ratio
     x, gi = args[2 if qk else 1], args[6 if qk else 5]
-    with backend(kernel):
-        sel = run(args, qk)
+    sel = call(kernel, run, args, qk)
     assert torch.equal(sel.tokens, x) and sel.tokens.data_ptr() != x.data_ptr()
     assert torch.equal(sel.keep_index, torch.arange(37).expand(2, 37))
     assert sel.removed_index.shape == (2, 0) and sel.removed_global.shape == (2, 0)
@@ -257,8 +254,7 @@ def test_backward_matches_reference(kernel, qk, dtype):
     xi = 2 if qk else 1
     x = args[xi].clone().requires_grad_()
     x_ref = args[xi].clone().requires_grad_()
-    with backend(kernel):
-        out = run(args[:xi] + [x] + args[xi + 1:], qk)
+    out = call(kernel, run, args[:xi] + [x] + args[xi + 1:], qk)
     out_ref = reference_of(args[:xi] + [x_ref] + args[xi + 1:], qk)
     grad = torch.randn_like(out_ref[0])
     out.tokens.backward(grad)
@@ -278,11 +274,11 @@ def test_gradcheck_float64(kernel, qk):
     rest = [qi, None, None, torch.randperm(50)[:B * L].view(B, L), start, L, 0.6] + ([0.5] if qk else [])
 
     def f(x):
-        return run([*head, x, *rest], qk).tokens
+        return call(kernel, run, [*head, x, *rest], qk).tokens
 
-    with backend(kernel):  # fast mode under the interpreter: each call costs a kernel launch there
-        assert torch.autograd.gradcheck(f, (torch.randn(B, N, C, dtype=torch.float64, requires_grad=True),),
-                                        fast_mode=kernel == "triton")
+    # fast mode under the interpreter: each call costs a kernel launch there
+    assert torch.autograd.gradcheck(f, (torch.randn(B, N, C, dtype=torch.float64, requires_grad=True),),
+                                    fast_mode=kernel == "triton")
 
 
 def test_opcheck():
@@ -327,16 +323,18 @@ def _call(d):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_query_index_out_of_range(kernel):
+    """CPU kernels check on the host; on CUDA the check is a device-side assert unless
+    `fasttrack.sync_checks` is on (fasttrack.backend), which gives the same ValueError."""
     args = make_inputs("odd", 2, torch.float32)
     for bad in (45, -1):
         qi = args[2].clone()
         qi[1, 2] = bad
-        with backend(kernel), pytest.raises(ValueError, match=r"`query_index` values must be in \[0, N=45\)"):
-            _call(_bad(args, query_index=qi))
+        with fasttrack.sync_checks(), pytest.raises(ValueError, match=r"`query_index` values must be in \[0, N=45\)"):
+            call(kernel, lambda *a: _call(_bad(a, query_index=qi.to(a[0].device))), *args)
         qargs = list(make_inputs("odd", 2, torch.float32, qk=True))
         qargs[3] = qi
-        with backend(kernel), pytest.raises(ValueError, match=r"`query_index` values must be in \[0, N=45\)"):
-            run(qargs, qk=True)
+        with fasttrack.sync_checks(), pytest.raises(ValueError, match=r"`query_index` values must be in \[0, N=45\)"):
+            call(kernel, run, qargs, qk=True)
 
 
 BAD = [

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <numeric>
 #include <vector>
@@ -79,27 +80,33 @@ void add_row(float* o, const float* y, int64_t n) {
 }
 
 // 1/||row|| from its squared norm; a zero row keeps scale 1, so it stays zero and its cosine with
-// anything is 0 (reference._unit).
+// anything is 0 (reference._unit). A row with a NaN or infinite entry scales to NaN: its cosine
+// with anything is NaN, as the spec's x / ||x|| gives.
 template <typename T>
 T inv_norm(T sq) {
   const T n = std::sqrt(sq);
+  if (!std::isfinite(n)) return std::numeric_limits<T>::quiet_NaN();
   return n > T(0) ? T(1) / n : T(1);
 }
 
-// For each row r, the first k < cols maximising value(r, k) (ties -> lower k, as the spec); best
-// gets that maximum times row_scale[r] when asked for.
+// For each row r, the first k < cols maximising value(r, k) (ties -> lower k, as the spec); NaN
+// values never win, and a row whose values are all NaN (or whose row_scale is NaN) gets k = 0 and a
+// NaN maximum (reference.cosine_argmax). best gets the maximum times row_scale[r] when asked for.
 template <typename T, typename Value>
 void first_argmax(int64_t rows, int64_t cols, Value value, const T* row_scale, float* best, int64_t* arg) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
-      T m = value(r, 0);
+      T m = -std::numeric_limits<T>::infinity();
       int64_t idx = 0;
-      for (int64_t k = 1; k < cols; ++k) {
-        const T v = value(r, k);
-        if (v > m) { m = v; idx = k; }
+      bool found = false;
+      if (!row_scale || !std::isnan(row_scale[r])) {
+        for (int64_t k = 0; k < cols; ++k) {
+          const T v = value(r, k);
+          if (v > m || (!found && v == m)) { m = v; idx = k; found = true; }
+        }
       }
-      if (best) best[r] = static_cast<float>(m * row_scale[r]);
+      if (best) best[r] = found ? static_cast<float>(m * row_scale[r]) : std::numeric_limits<float>::quiet_NaN();
       arg[r] = idx;
     }
   });
@@ -123,7 +130,7 @@ at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) {
                                          std::optional<c10::string_view>)>())
                : std::nullopt;
   }();
-  if (onednn && a.scalar_type() == at::kFloat && a.size(0) > 0 && b.size(0) > 0) {
+  if (onednn && a.scalar_type() == at::kFloat && a.size(0) > 0 && b.size(0) > 0 && a.size(1) > 0) {
     return onednn->call(a, b, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), "");
   }
   return at::mm(a, b.t());
@@ -177,6 +184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_tokens_cpu(
   TORCH_CHECK_VALUE(!score || (score->dim() == 2 && score->size(0) == B && score->size(1) == N),
                     "fasttrack.merge_tokens: `score` must be [B, N]");
   TORCH_CHECK_VALUE(!proj || (proj->dim() == 1 && proj->size(0) == C), "fasttrack.merge_tokens: `proj` must be [C]");
+  TORCH_CHECK_TYPE(!proj || proj->scalar_type() == z.scalar_type(), "fasttrack.merge_tokens: `proj` must have z's "
+                   "dtype (", z.scalar_type(), "), got ", proj ? proj->scalar_type() : z.scalar_type());
   TORCH_CHECK_VALUE(!metric || (metric->dim() == 3 && metric->size(0) == B && metric->size(1) == N),
                     "fasttrack.merge_tokens: `metric` must be [B, N, Cm]");
   TORCH_CHECK_VALUE(keep_ratio > 0.0 && keep_ratio <= 1.0, "fasttrack.merge_tokens: `keep_ratio` must be in (0, 1]");
@@ -251,12 +260,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_tokens_cpu(
         const at::Tensor sim = row_dots(gather(sp, S), all_columns ? mf[b] : gather(tp, K)).contiguous();
         const T* simp = sim.data_ptr<T>();
         const int64_t ld = sim.size(1);  // N or K
+        // a source row with a NaN / infinite entry has NaN similarities (the spec): target slot 0
+        std::vector<T> src_scale(S);
+        for (int64_t r = 0; r < S; ++r) src_scale[r] = inv_norm(dot(mb + sp[r] * Cm, mb + sp[r] * Cm, Cm));
         if (all_columns) {
           first_argmax<T>(S, K, [&](int64_t r, int64_t k) { return simp[r * ld + tp[k]] * inv[tp[k]]; },
-                          nullptr, nullptr, ap);
+                          src_scale.data(), nullptr, ap);
         } else {
           first_argmax<T>(S, K, [&](int64_t r, int64_t k) { return simp[r * ld + k] * inv[tp[k]]; },
-                          nullptr, nullptr, ap);
+                          src_scale.data(), nullptr, ap);
         }
       }
       // Sources grouped by target (a stable counting sort): each target then sums its own sources in
@@ -298,6 +310,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_argmax_cpu(const at::Tensor& src, cons
   TORCH_CHECK_VALUE(src.dim() == 3 && dst.dim() == 3 && src.size(0) == dst.size(0) && src.size(2) == dst.size(2),
                     "fasttrack.cosine_argmax: `src` [B, S, Cm] and `dst` [B, T, Cm] must agree in B and Cm");
   TORCH_CHECK_VALUE(dst.size(1) >= 1 || src.size(1) == 0, "fasttrack.cosine_argmax: `dst` has no rows");
+  TORCH_CHECK_TYPE(src.scalar_type() == dst.scalar_type(), "fasttrack.cosine_argmax: `dst` must have src's dtype (",
+                   src.scalar_type(), "), got ", dst.scalar_type());
   const int64_t B = src.size(0), S = src.size(1), T_ = dst.size(1), Cm = src.size(2);
   const auto acc = opmath(src.scalar_type());
   at::Tensor best = at::empty({B, S}, src.options().dtype(at::kFloat));

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <string>
@@ -35,7 +36,9 @@ int64_t limit_from_env() {
   const long long mb = std::strtoll(env, &end, 10);
   TORCH_CHECK_VALUE(end != env && *end == '\0' && mb >= 0,
                     "FASTTRACK_CPU_CACHE_MB must be a non-negative integer (MiB), got '", env, "'");
-  return static_cast<int64_t>(mb) << 20;
+  // saturate: 2^43 MiB and more would overflow the byte count (and exceed any address space anyway)
+  constexpr long long kMaxMB = std::numeric_limits<int64_t>::max() >> 20;
+  return static_cast<int64_t>(mb > kMaxMB ? kMaxMB : mb) << 20;
 }
 
 struct Block {

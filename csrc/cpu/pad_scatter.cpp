@@ -575,7 +575,10 @@ Problem check_scatter_args(const at::Tensor& kept, const at::Tensor& index, int6
                     ": `length` must be >= k=", kept.size(1), " (the number of kept tokens) and < 2^31, got ",
                     length);
   if (nchw) {
-    TORCH_CHECK_VALUE(hw.size() == 2 && hw[0] >= 0 && hw[1] >= 0 && hw[0] * hw[1] == length, "fasttrack.", op,
+    // H * W compared without multiplying (it could wrap for huge H, W)
+    TORCH_CHECK_VALUE(hw.size() == 2 && hw[0] >= 0 && hw[1] >= 0 &&
+                          (hw[1] == 0 ? length == 0 : (length % hw[1] == 0 && hw[0] == length / hw[1])),
+                      "fasttrack.", op,
                       ": `hw` must be (H, W) with H*W == length=", length, ", got ", hw);
   }
   return Problem{kept.size(0), kept.size(1), length, kept.size(2), true, nchw};

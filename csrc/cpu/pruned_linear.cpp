@@ -72,6 +72,11 @@ void check_gather_args(const at::Tensor& x, const at::Tensor& in_index, const st
   const int64_t d_in = x.size(-1);
   check_vector(ln_weight, "ln_weight", d_in, x);
   check_vector(ln_bias, "ln_bias", d_in, x);
+  for (const auto* t : {ln_weight ? &*ln_weight : nullptr, ln_bias ? &*ln_bias : nullptr}) {
+    TORCH_CHECK_TYPE(t == nullptr || t->scalar_type() == x.scalar_type(), "fasttrack.", kOp, ": `",
+                     t == (ln_weight ? &*ln_weight : nullptr) ? "ln_weight" : "ln_bias", "` must have x's dtype (",
+                     x.scalar_type(), "), got ", t ? t->scalar_type() : x.scalar_type());
+  }
 }
 
 // Range and distinctness of every kept index, before any read through it.
@@ -375,7 +380,9 @@ at::Tensor gather_cpu(const at::Tensor& x, const at::Tensor& in_index_in, const 
   const at::Tensor in_index = in_index_in.contiguous();
   const int64_t* idx = in_index.const_data_ptr<int64_t>();
   check_index_values(idx, k, d_in);
-  const at::Tensor x2 = x.reshape({-1, d_in});  // a view unless x's leading dims cannot be merged
+  // a view unless x's leading dims cannot be merged (M counted, not -1: d_in may be 0)
+  const at::Tensor x2 = x.reshape({x.numel() == 0 ? c10::multiply_integers(x.sizes().slice(0, x.dim() - 1))
+                                                   : x.numel() / d_in, d_in});
   at::Tensor out = empty_output({x2.size(0), k}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pruned_linear_gather", [&] {
@@ -403,7 +410,9 @@ at::Tensor pruned_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const at::Tensor h = gather_cpu(x, in_index, ln_weight, ln_bias, eps, normalize);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = weight.size(0);
-  const at::Tensor out = use_onednn(h) ? onednn_linear(h, weight, bias) : at::linear(h, weight, bias);
+  // oneDNN refuses empty products: d_out = 0 (or no rows) is an empty result, k = 0 the bias alone
+  const at::Tensor out = use_onednn(h) && weight.size(0) > 0 ? onednn_linear(h, weight, bias)
+                                                              : at::linear(h, weight, bias);
   return out.view(shape);
 }
 

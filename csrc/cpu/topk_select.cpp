@@ -63,7 +63,8 @@ Problem check_common(const char* op, const Tensor& x, const Tensor& query_index,
   p.N = N;
   p.C = x.size(2);
   p.R = query_index.size(1);
-  TORCH_CHECK_VALUE(start >= 0 && length >= 1 && start + length <= N, op,
+  // compared without adding: start + length could wrap for start near 2^63
+  TORCH_CHECK_VALUE(start >= 0 && length >= 1 && length <= N && start <= N - length, op,
                     ": need start >= 0, length >= 1 and `start + length` <= N=", N, ", got start=", start,
                     ", length=", length);
   TORCH_CHECK_VALUE(keep_ratio > 0.0 && keep_ratio <= 1.0, op, ": `keep_ratio` must be in (0, 1], got ",
@@ -359,6 +360,8 @@ Outputs topk_select_qk_cpu(const Tensor& q, const Tensor& k, const Tensor& x, co
   TORCH_CHECK_VALUE(is_floating(k) && k.sizes() == q.sizes() && k.device() == q.device(), op,
                     ": `k` must be a floating tensor of q's shape ", q.sizes(), ", got ", k.scalar_type(), " ",
                     k.sizes());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), op, ": `k` must have q's dtype (", q.scalar_type(), "), got ",
+                   k.scalar_type());
   const Problem p = check_common(op, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio,
                                  q.size(0), q.size(2), q.device());
   const int64_t B = p.B, H = q.size(1), N = p.N, R = p.R;

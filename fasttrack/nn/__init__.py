@@ -16,6 +16,9 @@ from fasttrack.nn.compresstracker import (  # noqa: F401,E402  (CompressTracker)
 from fasttrack.nn.etctrack import (  # noqa: F401,E402  (ETCTrack)
     ETCTrackEncoder, FusedETCTrackEncoder, FusedHIBlock, FusedTokenCompressor, HIBlock, TokenCompressor,
 )
+from fasttrack.nn.avtrack import (  # noqa: F401,E402  (AVTrack, ABTrack's public sibling)
+    AVTrackBlock, AVTrackViT, FusedAVTrackBlock, FusedAVTrackViT,
+)
 from fasttrack.nn.abtrack import (  # noqa: F401,E402  (ABTrack)
     ABTrackBackbone, BypassBlock, FusedABTrackBackbone, FusedBypassBlock, build_abtrack,
 )

@@ -12,10 +12,13 @@ unchanged. Enforced blocks (the backbone's first ``n_enf``) always run and have 
 Execution (same values in every mode):
 - reference (`BypassBlock`): runs the block on the whole batch and selects per sample — what
   gating trackers do, and why they gain nothing in batches;
-- fused (`FusedBypassBlock`), inference: runs the block only on the samples that are not skipped
-  (compact with ``index_select``, run, ``index_copy`` back); nothing runs when all skip;
-- fused, ``static=True``: runs the block on the whole batch and selects with ``torch.where``
-  (no data-dependent shapes, for ``torch.export`` / ONNX);
+- fused (`FusedBypassBlock`), inference, *compacting*: runs the block only on the samples that are
+  not skipped (compact with ``index_select``, run, ``index_copy`` back); nothing runs when all skip.
+  Which samples run is read on the host, which costs nothing on a CPU;
+- fused, *static*: runs the block on the whole batch and selects with ``torch.where`` — no
+  data-dependent shapes and no host read, so it suits ``torch.export`` / ONNX, GPUs (a host read
+  would stall the stream) and CUDA graphs. Dispatch rule (``static`` argument): ``None`` (default)
+  compacts on CPU tensors and is static on any other device; ``True`` / ``False`` force one;
 - training (both): the hard decision with a straight-through gradient (*choice*):
   ``g = 1[p > rho] + p − p.detach()``, ``out = g·x + (1 − g)·block(x)``, so the forward value is
   the hard selection and the gate learns; the block runs on the whole batch (its output is needed
@@ -53,11 +56,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttrack.nn.init import trunc_normal_
 from fasttrack.nn.compresstracker import twin_from_reference
 from fasttrack.nn.ostrack import PatchEmbed, _init_vit
 from fasttrack.nn.pruned import MaskedBlock, PrunedBlock
 from fasttrack.nn.vit import Block, FusedBlock
-from fasttrack.patch import register_recognizer
+from fasttrack.nn._recognizers import probe_like, register_recognizer
 from fasttrack.prune import masked_block, prune_block, select_kept
 
 __all__ = ["BypassBlock", "FusedBypassBlock", "ABTrackBackbone", "FusedABTrackBackbone", "fuse_inner_block",
@@ -140,12 +144,17 @@ class FusedBypassBlock(BypassBlock):
     """`BypassBlock` that runs its (fused) block only on the samples that are not skipped, or on
     all of them and selects when ``static`` is set (module doc)."""
 
-    def __init__(self, block: nn.Module, dim: int, rho: float = 0.5, enforce: bool = False, static: bool = False):
+    def __init__(self, block: nn.Module, dim: int, rho: float = 0.5, enforce: bool = False,
+                 static: bool | None = None):
         super().__init__(fuse_inner_block(block), dim, rho, enforce)
-        self.static = bool(static)
+        self.static = None if static is None else bool(static)
+
+    def runs_static(self, x: torch.Tensor) -> bool:
+        """The dispatch rule (module doc): whole batch + select, or compaction by a host read."""
+        return (not x.is_cpu) if self.static is None else self.static
 
     @classmethod
-    def from_reference(cls, ref_module: BypassBlock, static: bool = False) -> "FusedBypassBlock":
+    def from_reference(cls, ref_module: BypassBlock, static: bool | None = None) -> "FusedBypassBlock":
         """A fused bypass block sharing ``ref_module``'s gate and (fused twin of its) block."""
         if not isinstance(ref_module, BypassBlock):
             raise TypeError(f"{cls.__name__}.from_reference: `ref_module` must be a BypassBlock, "
@@ -161,7 +170,7 @@ class FusedBypassBlock(BypassBlock):
             self.samples_run += B
             return self.block(x), torch.zeros(B, dtype=torch.bool, device=x.device)
         p = self.gate_probability(x)
-        if self.training or self.static:
+        if self.training or self.runs_static(x):
             self.samples_run += B
             return self._select(x, self.block(x), p)
         skip = p > self.rho
@@ -213,7 +222,7 @@ class ABTrackBackbone(nn.Module):
                                      for i in range(depth)])
         self.norm = nn.LayerNorm(C, eps=1e-6)
         for prm in (self.cls_token, self.pos_embed, self.pos_embed_z, self.pos_embed_x, self.bypass_token):
-            nn.init.trunc_normal_(prm, std=0.02)
+            trunc_normal_(prm, std=0.02)
         self.apply(_init_vit)
 
     def embed(self, z, x):
@@ -266,7 +275,7 @@ class FusedABTrackBackbone(ABTrackBackbone):
     _prune_inner = staticmethod(prune_block)
 
     @classmethod
-    def from_reference(cls, ref_module: ABTrackBackbone, static: bool = False) -> "FusedABTrackBackbone":
+    def from_reference(cls, ref_module: ABTrackBackbone, static: bool | None = None) -> "FusedABTrackBackbone":
         """A fused backbone sharing ``ref_module``'s Parameters; pruned inner blocks (see
         `fasttrack.nn.pruned`) get their fused twins."""
         if not isinstance(ref_module, ABTrackBackbone):
@@ -292,12 +301,20 @@ def build_abtrack(keep_ratio: float = 0.7, fused: bool = False, seed: int = 0, p
     return FusedABTrackBackbone.from_reference(ref) if fused else ref
 
 
-# patch_model (no official ABTrack code exists: these recognise this module's reference classes)
+# patch_model (no official ABTrack code exists: these recognise this module's reference classes).
+# The fused inner blocks store pruned weights where the reference masks dense ones: the state-dict
+# layout changes by design (converts_state).
+def _probe_backbone(m):
+    c = m.config
+    return (probe_like(m, 1, 3, c["template_size"], c["template_size"]),
+            probe_like(m, 1, 3, c["search_size"], c["search_size"])), {}
+
+
 register_recognizer(
     "abtrack.backbone",
-    lambda m: isinstance(getattr(m, "bypass_token", None), nn.Parameter) and hasattr(m, "blocks"),
-    FusedABTrackBackbone.from_reference)
+    lambda m: isinstance(getattr(m, "bypass_token", None), nn.Parameter) and hasattr(m, "blocks") and hasattr(m, "config"),
+    FusedABTrackBackbone.from_reference, probe=_probe_backbone, converts_state=True)
 register_recognizer(
     "abtrack.bypass_block",
-    lambda m: all(hasattr(m, n) for n in ("block", "gate", "rho", "enforce")),
-    FusedBypassBlock.from_reference)
+    lambda m: all(hasattr(m, n) for n in ("block", "gate", "rho", "enforce", "dim")),
+    FusedBypassBlock.from_reference, probe=lambda m: ((probe_like(m, 2, 9, m.dim),), {}), converts_state=True)

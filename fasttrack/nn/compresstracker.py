@@ -42,10 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttrack.nn.init import trunc_normal_
 from fasttrack.nn.head import CenterPredictor, FusedCenterPredictor
 from fasttrack.nn.ostrack import FusedOSTrack, OSTrack, PatchEmbed, _init_vit
 from fasttrack.nn.vit import Block, FusedBlock
-from fasttrack.patch import register_recognizer
+from fasttrack.nn._recognizers import probe_like, register_recognizer
 
 __all__ = ["STAGE_COUNTS", "stage_ratio", "student_init_blocks", "sample_replacement", "replacement_probability",
            "CompressTrackerBackbone", "FusedCompressTrackerBackbone", "ReplacementTraining",
@@ -154,7 +155,7 @@ class CompressTrackerBackbone(nn.Module):
             self.distill_blocks = nn.Sequential(*[block(drop_path=dpr[j * ratio]) for j in range(num_stages)])
         self.norm = nn.LayerNorm(C, eps=1e-6)
         for p in (self.pos_embed, self.pos_embed_z, self.pos_embed_x, self.cls_token):
-            nn.init.trunc_normal_(p, std=0.02)
+            trunc_normal_(p, std=0.02)
         self.apply(_init_vit)
 
     def embed(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -487,4 +488,13 @@ def _looks_like_backbone(m: nn.Module) -> bool:
 # patch_model: an official (or reference) CompressTracker backbone becomes the fused backbone as a
 # whole; the official forward asks every block for its attention map, so swapping the blocks alone
 # would keep the explicit attention
-register_recognizer("compresstracker.backbone", _looks_like_backbone, FusedCompressTrackerBackbone.from_reference)
+def _probe_images(m):
+    """A template and a search image of the sizes the backbone's position embeddings were made for."""
+    patch = m.patch_embed.proj.kernel_size[0]
+    side = lambda pe: int(round(pe.shape[1] ** 0.5)) * patch  # noqa: E731
+    return (probe_like(m, 1, 3, side(m.pos_embed_z), side(m.pos_embed_z)),
+            probe_like(m, 1, 3, side(m.pos_embed_x), side(m.pos_embed_x))), {}
+
+
+register_recognizer("compresstracker.backbone", _looks_like_backbone, FusedCompressTrackerBackbone.from_reference,
+                    probe=_probe_images)

@@ -48,12 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttrack.nn.init import trunc_normal_
 from fasttrack.nn.compresstracker import twin_from_reference
 from fasttrack.nn.linear import FastLinear
 from fasttrack.nn.ostrack import _init_vit
+from fasttrack.nn.cuda_graph import GraphedStep, require_cuda
 from fasttrack.nn.vit import Block, FusedBlock, _identity_like, linear_add
 from fasttrack.ops import Merged, merge_tokens
-from fasttrack.patch import register_recognizer
+from fasttrack.nn._recognizers import probe_like, register_recognizer
 
 __all__ = ["CrossAttention", "FusedCrossAttention", "CrossAttentionBlock", "FusedCrossAttentionBlock", "ConvFFN",
            "FusedConvFFN", "TokenCompressor", "FusedTokenCompressor", "HIBlock", "FusedHIBlock", "ETCTrackEncoder",
@@ -178,7 +180,8 @@ class ConvFFN(nn.Module):
         h = self.fc1(self.norm(x))
         # [B, N, Ch] viewed as a channels-last [B, Ch, H, W] map: no copy in or out of the conv
         m = h.transpose(1, 2).reshape(B, h.shape[-1], *self.hw)
-        return self.drop(self.act(self.dwconv(m)).flatten(2).transpose(1, 2))
+        h = self.act(self.dwconv(m)).flatten(2).transpose(1, 2)
+        return h if _identity_like(self.drop) else self.drop(h)
 
     def forward(self, x):
         _check_tokens(x, type(self).__name__, "x", self.norm.normalized_shape[0], self.hw[0] * self.hw[1])
@@ -227,7 +230,7 @@ class TokenCompressor(nn.Module):
         g = torch.Generator(device="cpu").manual_seed(seed)
         proj = torch.randn(dim, generator=g, device="cpu")
         self.register_buffer("score_proj", proj / proj.norm())
-        nn.init.trunc_normal_(self.temporal_pos_embed, std=0.02)
+        trunc_normal_(self.temporal_pos_embed, std=0.02)
         self.apply(_init_vit)
 
     def correlate(self, z: torch.Tensor) -> torch.Tensor:
@@ -341,7 +344,8 @@ class ETCTrackEncoder(nn.Module):
             z, x = stage(z, x)
         return z, x
 
-    def track(self, x: torch.Tensor, z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def track(self, x: torch.Tensor, z: torch.Tensor | None = None, cuda_graph: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Opt-in per-frame API: reuse the compressed template history while it is unchanged.
 
         Exactness: the compressor reads only the template history ``z`` (temporal position
@@ -350,7 +354,13 @@ class ETCTrackEncoder(nn.Module):
         first `HIBlock` on mixes template and search and is recomputed. Give ``z`` on the first
         frame and whenever the history changes (a new frame enters it); ``None`` reuses the cached
         compression, computed with the weights of that call. The result equals ``forward(last z,
-        x)`` exactly."""
+        x)`` exactly.
+
+        ``cuda_graph=True`` (CUDA tensors only): the stages run as one CUDA-graph replay per input
+        shape (`fasttrack.nn.cuda_graph`; outputs are the capture's buffers, overwritten by the next
+        call), with the same values as the eager step."""
+        if cuda_graph:
+            require_cuda("ETCTrackEncoder.track", x=x, z=z)
         if z is not None:
             self._track_z = self.compressor(z).merged
         merged = self.__dict__.get("_track_z")
@@ -358,11 +368,17 @@ class ETCTrackEncoder(nn.Module):
             raise _err("ETCTrackEncoder.track", "pass `z` (the template history) on the first call")
         if merged.shape[0] != x.shape[0]:
             raise _err("ETCTrackEncoder.track", f"`x` has batch {x.shape[0]}, the cached history {merged.shape[0]}")
+        if cuda_graph:
+            step = self.__dict__.get("_track_graph")
+            if step is None:
+                step = self.__dict__["_track_graph"] = GraphedStep(self._stages, name="ETCTrackEncoder.track")
+            return step(merged, x)
         return self._stages(merged, x)
 
     def __getstate__(self):
         state = super().__getstate__().copy()
         state.pop("_track_z", None)
+        state.pop("_track_graph", None)
         return state
 
 
@@ -380,15 +396,25 @@ class FusedETCTrackEncoder(ETCTrackEncoder):
 
 # patch_model (no official ETCTrack code exists: these recognise this module's reference classes,
 # by structure)
+def _history(m):
+    c = m.config
+    return probe_like(m, 1, c["num_frames"], c["tokens_per_frame"], c["dim"])
+
+
+def _search(m, hw):
+    return probe_like(m, 1, hw[0] * hw[1], m.config["dim"])
+
+
 register_recognizer(
     "etctrack.encoder",
     lambda m: all(hasattr(m, n) for n in ("compressor", "stages", "config")),
-    FusedETCTrackEncoder.from_reference)
+    FusedETCTrackEncoder.from_reference, probe=lambda m: ((_history(m), _search(m, m.config["search_hw"])), {}))
 register_recognizer(
     "etctrack.token_compressor",
     lambda m: all(hasattr(m, n) for n in ("temporal_pos_embed", "score_proj", "blocks", "config")),
-    FusedTokenCompressor.from_reference)
+    FusedTokenCompressor.from_reference, probe=lambda m: ((_history(m),), {}))
 register_recognizer(
     "etctrack.hi_block",
     lambda m: all(hasattr(m, n) for n in ("template_cross", "search_cross", "conv_ffn", "blocks", "config")),
-    FusedHIBlock.from_reference)
+    FusedHIBlock.from_reference,
+    probe=lambda m: ((probe_like(m, 1, 20, m.config["dim"]), _search(m, m.config["search_hw"])), {}))

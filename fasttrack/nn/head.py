@@ -10,9 +10,9 @@ offset_map).
 network: BatchNorm folded into the convs, the three first-stage convs concatenated into one conv,
 the later stages as grouped convs (groups=3), the three 1x1 outputs as one grouped 1x1 conv (the
 1-channel centre output padded to 2 with a zero filter). The folded weights are a cache rebuilt
-when any parameter or BN buffer changes (version counter or storage). The first stage (C -> 3·channel
-3x3, ~80% of the head's FLOPs) runs as im2col + one pre-packed oneDNN GEMM with the ReLU as a
-post-op when the packed path applies (`fasttrack.nn.linear` rule): its input is the search tokens
+when any parameter or BN buffer changes (`fasttrack.nn.derived.Derived`). The first stage (C -> 3·channel
+3x3, ~80% of the head's FLOPs) runs as im2col + one pre-packed oneDNN GEMM (then torch's ReLU, which keeps NaN where oneDNN's
+post-op would zero it) when the packed path applies (`fasttrack.nn.linear` rule): its input is the search tokens
 ``[B, HW, C]``, already channels-last, so the 9 shifted windows are plain slices, and the GEMM
 beats oneDNN's direct 3x3 convolution at this size (16x16 map, C=768: ~25% faster in fp32 and bf16
 on the development machine).
@@ -28,11 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttrack.nn._recognizers import has_attrs, probe_like, register_recognizer
+from fasttrack.nn.derived import Derived
 from fasttrack.nn.linear import _packable
 
 __all__ = ["CenterPredictor", "FusedCenterPredictor", "conv_bn_relu"]
 
 _BRANCHES = ("ctr", "offset", "size")
+# The fused head's channel order, [ctr, (zero pad), size x2, offset x2]: the three sigmoid channels
+# are adjacent, so one sigmoid + clamp covers them.
+_FUSED_BRANCHES = ("ctr", "size", "offset")
 
 
 def conv_bn_relu(in_planes, out_planes, kernel_size=3, stride=1, padding=1, dilation=1):
@@ -68,8 +73,8 @@ class CenterPredictor(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def _check(self, x):
-        if x.dim() != 4 or x.shape[-2:] != (self.feat_sz, self.feat_sz):
-            raise ValueError(f"CenterPredictor: `x` must be [B, C, {self.feat_sz}, {self.feat_sz}], "
+        if x.dim() != 4 or x.shape[-2:] != (self.feat_sz, self.feat_sz) or x.shape[0] < 1:
+            raise ValueError(f"CenterPredictor: `x` must be [B >= 1, C, {self.feat_sz}, {self.feat_sz}], "
                              f"got {list(x.shape)}")
 
     def get_score_map(self, x):
@@ -148,10 +153,6 @@ class FusedCenterPredictor(CenterPredictor):
         m.train(ref_module.training)
         return m
 
-    def _state_key(self):
-        ts = list(self.parameters()) + [t for t in self.buffers() if t.is_floating_point()]
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in ts)
-
     def uses_folded(self, x: torch.Tensor) -> bool:
         if self.training:
             return False
@@ -160,50 +161,50 @@ class FusedCenterPredictor(CenterPredictor):
         return True
 
     def _folded_weights(self, dtype):
-        key = (self._state_key(), dtype)
-        cache = self.__dict__.get("_fold_cache")
-        if cache is not None and cache[0] == key:
-            return cache[1]
-        with torch.no_grad():
-            stages = []
-            for s in range(1, 6):
-                wb = [_fold(getattr(self, f"conv{s}_{b}")) for b in _BRANCHES]
-                if s == 5:  # pad the 1-channel centre output to 2 so the three groups are equal
-                    (wc, bc) = wb[0]
-                    wb[0] = (torch.cat([wc, torch.zeros_like(wc)]), torch.cat([bc, torch.zeros_like(bc)]))
-                w = torch.cat([w for w, _ in wb]).to(dtype).contiguous(memory_format=torch.channels_last)
-                b = torch.cat([b for _, b in wb]).to(dtype)
-                stages.append((w, b, 1 if s == 1 else 3, getattr(self, f"conv{s}_ctr")[0].padding if s < 5 else 0))
-        self.__dict__["_fold_cache"] = (key, stages)
-        self.__dict__.pop("_im2col_cache", None)
-        return stages
+        """``(stages, packed stage-1 GEMM weight or None)`` for ``dtype``: a `Derived` cache per dtype,
+        over every parameter and floating buffer (rebuilt when any changes; `fasttrack.nn.derived`)."""
+        caches = self.__dict__.setdefault("_fold", {})
+        cache = caches.get(dtype)
+        if cache is None:
+            cache = caches[dtype] = Derived()
+        sources = tuple(self.parameters()) + tuple(t for t in self.buffers() if t.is_floating_point())
+        return cache.get(sources, lambda: self._fold_all(dtype))
 
-    def _im2col_weight(self, w):
-        """Stage 1's folded weight as a packed GEMM weight ``[C_out, (ky, kx, C_in)]`` (cached with
-        the folded weights)."""
-        cache = self.__dict__.get("_im2col_cache")
-        if cache is None or cache[0] is not w:
-            wm = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
-            cache = (w, torch.ops.mkldnn._reorder_linear_weight(wm))
-            self.__dict__["_im2col_cache"] = cache
-        return cache[1]
+    def _fold_all(self, dtype):
+        stages = []
+        for s in range(1, 6):
+            wb = [_fold(getattr(self, f"conv{s}_{b}")) for b in _FUSED_BRANCHES]
+            if s == 5:  # pad the 1-channel centre output to 2 so the three groups are equal
+                (wc, bc) = wb[0]
+                wb[0] = (torch.cat([wc, torch.zeros_like(wc)]), torch.cat([bc, torch.zeros_like(bc)]))
+            w = torch.cat([w for w, _ in wb]).to(dtype).contiguous(memory_format=torch.channels_last)
+            b = torch.cat([b for _, b in wb]).to(dtype)
+            stages.append((w, b, 1 if s == 1 else 3, getattr(self, f"conv{s}_ctr")[0].padding if s < 5 else 0))
+        w1 = stages[0][0]
+        im2col = None
+        if _packable(w1, w1, None):   # stage 1 as a GEMM: [C_out, (ky, kx, C_in)], pre-packed
+            im2col = torch.ops.mkldnn._reorder_linear_weight(w1.permute(0, 2, 3, 1).reshape(w1.shape[0], -1)
+                                                             .contiguous())
+        return stages, im2col
 
-    def _stage1_gemm(self, x, w, b, pad):
+    def _stage1_gemm(self, x, w, packed, b, pad):
         """conv(3x3, stride 1) + ReLU as im2col + packed GEMM; returns NCHW in channels-last memory."""
         B, C, H, W = x.shape
         kh, kw = w.shape[-2:]
         t = F.pad(x.permute(0, 2, 3, 1), (0, 0, pad[1], pad[1], pad[0], pad[0]))   # [B, H+2p, W+2p, C]
         cols = torch.cat([t[:, dy:dy + H, dx:dx + W] for dy in range(kh) for dx in range(kw)], dim=-1)
-        out = torch.ops.mkldnn._linear_pointwise(cols.view(B, H * W, -1), self._im2col_weight(w), b, "relu", [], "")
-        return out.view(B, H, W, -1).permute(0, 3, 1, 2)
+        out = torch.ops.mkldnn._linear_pointwise(cols.view(B, H * W, -1), packed, b, "none", [], "")
+        # torch's ReLU, not oneDNN's post-op: that one maps NaN to 0, and NaN features (a diverging
+        # tracker) must give the NaN boxes the reference gives, not a plausible one
+        return F.relu_(out).view(B, H, W, -1).permute(0, 3, 1, 2)
 
-    def get_score_map(self, x):
-        if not self.uses_folded(x):
-            return super().get_score_map(x)
-        stages = self._folded_weights(x.dtype)
+    def _folded_maps(self, x):
+        """The three branches as one network: ``[B, 6, H, W]`` (channels-last memory), channels
+        ``[sigmoid(ctr), -, sigmoid(size) x2, offset x2]``, the sigmoids clamped as the official head."""
+        stages, im2col = self._folded_weights(x.dtype)
         w1, b1, _, pad1 = stages[0]
-        if _packable(x, w1, b1) and tuple(pad1) == (w1.shape[-2] // 2, w1.shape[-1] // 2):
-            h, first = self._stage1_gemm(x, w1, b1, pad1), 1
+        if im2col is not None and _packable(x, w1, b1) and tuple(pad1) == (w1.shape[-2] // 2, w1.shape[-1] // 2):
+            h, first = self._stage1_gemm(x, w1, im2col, b1, pad1), 1
         else:
             h, first = x.contiguous(memory_format=torch.channels_last), 0
         for i in range(first, len(stages)):
@@ -211,10 +212,40 @@ class FusedCenterPredictor(CenterPredictor):
             h = F.conv2d(h, w, b, padding=pad, groups=groups)
             if i < 4:
                 h = F.relu_(h)
-        return _sigmoid(h[:, 0:1].contiguous()), _sigmoid(h[:, 4:6].contiguous()), h[:, 2:4].contiguous()
+        h[:, :4].sigmoid_().clamp_(min=1e-4, max=1 - 1e-4)
+        return h
 
-    def __getstate__(self):
-        state = super().__getstate__().copy()
-        state.pop("_fold_cache", None)
-        state.pop("_im2col_cache", None)
-        return state
+    def get_score_map(self, x):
+        if not self.uses_folded(x):
+            return super().get_score_map(x)
+        h = self._folded_maps(x)
+        return h[:, 0:1].contiguous(), h[:, 2:4].contiguous(), h[:, 4:6].contiguous()
+
+    def forward(self, x, gt_score_map=None):
+        if gt_score_map is not None or not self.uses_folded(x):
+            return super().forward(x, gt_score_map)
+        self._check(x)
+        h = self._folded_maps(x)
+        score_map_ctr, size_map, offset_map = h[:, 0:1].contiguous(), h[:, 2:4].contiguous(), h[:, 4:6].contiguous()
+        # `cal_bbox` in fewer ops, reading size and offset at the peak from one row of h; the same
+        # values in the same arithmetic as the reference
+        B, f = x.shape[0], self.feat_sz
+        _, idx = torch.max(score_map_ctr.flatten(1), dim=1, keepdim=True)
+        row = h.permute(0, 2, 3, 1).reshape(B, f * f, 6).gather(1, idx[:, :, None].expand(B, 1, 6)).squeeze(1)
+        xy = torch.cat([idx % f, torch.div(idx, f, rounding_mode="floor")], dim=1).to(torch.float)
+        bbox = torch.cat([(xy + row[:, 4:6]) / f, row[:, 2:4]], dim=1)
+        return score_map_ctr, bbox, size_map, offset_map
+
+
+# patch_model (fasttrack.nn._recognizers): OSTrack's CENTER head and its copies (CompressTracker, AVTrack)
+def match_center_head(m) -> bool:
+    return (has_attrs(m, "feat_sz", "stride")
+            and all(hasattr(m, f"conv{s}_{b}") for s in range(1, 6) for b in _BRANCHES))
+
+
+def probe_center_head(m):
+    return (probe_like(m, 2, m.conv1_ctr[0].in_channels, m.feat_sz, m.feat_sz),), {}
+
+
+register_recognizer("ostrack.center_head", match_center_head, FusedCenterPredictor.from_reference,
+                    probe=probe_center_head)

@@ -14,15 +14,18 @@ Dispatch rule (`FastLinear.uses_packed` states it; tests check it). The packed p
   fake tensors cannot follow; with ``freezing`` Inductor packs the weight itself).
 Otherwise `F.linear` runs, exactly `nn.Linear.forward`.
 
-The packed weight is a cache, not state: it is not in ``state_dict``, and it is rebuilt whenever the
-weight changes — in place (``weight._version``, e.g. ``load_state_dict`` or an optimiser step), by
-new storage (``data_ptr``, e.g. ``.to()`` or ``.data =``), or by a new Parameter object.
+The packed weight is a cache, not state (`fasttrack.nn.derived.Derived`): it is not in ``state_dict``,
+and it is rebuilt whenever the weight changes — by a new Parameter or new storage (``.to()``,
+``.data =``), in place (``weight._version``: ``load_state_dict``, an optimiser step), or in place
+through ``.data`` (its content stamp; see `fasttrack.nn.derived` for what that sees).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fasttrack.nn.derived import Derived
 
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # read once: Dynamo refuses to trace `mkldnn.is_available`
@@ -47,31 +50,14 @@ def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return True
 
 
-class PackedWeight:
-    """A oneDNN pre-packed copy of a weight, rebuilt when the weight changes (see module doc).
+class PackedWeight(Derived):
+    """A oneDNN pre-packed copy of a weight, rebuilt when the weight changes (`fasttrack.nn.derived`
+    states what is seen). Shared by `FastLinear` and `fasttrack.nn.pruned.PrunedLinear`."""
 
-    Shared by `FastLinear` and `fasttrack.nn.pruned.PrunedLinear`. Holding the source Parameter
-    keeps its identity check sound: its address cannot be reused by another tensor while held.
-    """
-
-    __slots__ = ("_src", "_key", "_packed")
-
-    def __init__(self):
-        self._src = self._key = self._packed = None
-
-    @staticmethod
-    def _key_of(w: torch.Tensor):
-        return (w.data_ptr(), w._version, w.dtype, w.shape, w.stride())
+    __slots__ = ()
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
-        key = self._key_of(weight)
-        if self._src is not weight or self._key != key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-            self._src, self._key = weight, key
-        return self._packed
-
-    def clear(self) -> None:
-        self._src = self._key = self._packed = None
+        return super().get((weight,), lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -109,8 +95,3 @@ class FastLinear(nn.Linear):
             return packed_linear(x, self._packed.get(weight), bias)
         return F.linear(x, weight, bias)
 
-    def __getstate__(self):
-        # the oneDNN tensor cannot be pickled / deep-copied; the copy re-packs on first use
-        state = super().__getstate__().copy()
-        state["_packed"] = PackedWeight()
-        return state

@@ -34,82 +34,16 @@ from functools import partial
 import torch
 from torch import nn
 
+from fasttrack.nn.init import trunc_normal_
+from fasttrack.nn.ce import Scorer, active_ratio, ce_query_index, check_index, ctr_point_mask, index_range
+from fasttrack.nn.cuda_graph import GraphedStep, require_graph_inputs
 from fasttrack.nn.head import CenterPredictor, FusedCenterPredictor
-from fasttrack.nn.vit import Block, FusedBlock, share_block_parts
-from fasttrack.ops import pad_scatter, topk_select, topk_select_qk
-from fasttrack.reference import keep_count
+from fasttrack.nn._recognizers import forward_params, probe_like, register_recognizer
+from fasttrack.nn.vit import Block, FusedBlock, _identity_like, block_dim, fused_vit_block, share_block_parts, vit_block_parts
+from fasttrack.ops import pad_scatter
 
 __all__ = ["CEBlock", "FusedCEBlock", "PatchEmbed", "VisionTransformerCE", "FusedVisionTransformerCE",
            "OSTrack", "FusedOSTrack", "ce_query_index", "ctr_point_mask", "build_ostrack", "OSTRACK_CONFIGS"]
-
-
-# --------------------------------------------------------------------------------------------
-# Candidate selection shared by every CE-family block (OSTrack, UTPTrack-O/S)
-# --------------------------------------------------------------------------------------------
-def ctr_point_mask(batch: int, template_feat_size: int, device=None) -> torch.Tensor:
-    """OSTrack ``generate_mask_cond`` with ``CE_TEMPLATE_RANGE='CTR_POINT'``: ``[B, S*S]`` bool,
-    True at the template centre (row 3 of 8, 5 of 12, 3 of 7, 6 of 14)."""
-    centre = {8: 3, 12: 5, 7: 3, 14: 6}
-    if template_feat_size not in centre:
-        raise ValueError(f"ctr_point_mask: `template_feat_size` must be one of {sorted(centre)}, "
-                         f"got {template_feat_size}")
-    m = torch.zeros(batch, template_feat_size, template_feat_size, dtype=torch.bool, device=device)
-    c = centre[template_feat_size]
-    m[:, c, c] = True
-    return m.flatten(1)
-
-
-def ce_query_index(ce_template_mask, batch: int, lens_t: int, offset: int, device) -> torch.Tensor:
-    """The attention rows that score candidates: the True positions of ``ce_template_mask``
-    ``[B, lens_t]`` (the same count in every row, as OSTrack's ``view(bs, hn, -1, L)`` requires), or
-    every template row when it is None; shifted by ``offset`` (the template's first position)."""
-    if ce_template_mask is None:
-        return torch.arange(offset, offset + lens_t, device=device).expand(batch, lens_t).contiguous()
-    if not isinstance(ce_template_mask, torch.Tensor) or ce_template_mask.dtype != torch.bool:
-        raise TypeError("`ce_template_mask` must be a bool tensor [B, lens_t]")
-    if tuple(ce_template_mask.shape) != (batch, lens_t):
-        raise ValueError(f"`ce_template_mask` must have shape [{batch}, {lens_t}], got {list(ce_template_mask.shape)}")
-    counts = ce_template_mask.sum(1)
-    r = int(counts[0])
-    if r == 0 or bool((counts != r).any()):
-        raise ValueError("`ce_template_mask` must select the same, non-zero number of template tokens in every sample")
-    return ce_template_mask.nonzero()[:, 1].view(batch, r) + offset
-
-
-class Scorer:
-    """Where a block's CE scores come from: the attention map (reference; fused when a map was
-    asked for) or q / k (fused, SDPA). One object per block call."""
-
-    __slots__ = ("attn", "q", "k", "scale")
-
-    def __init__(self, attn=None, q=None, k=None, scale=None):
-        self.attn, self.q, self.k, self.scale = attn, q, k, scale
-
-    def select(self, x, query_index, keep_ratio, start, length, global_index, query_weight=None, bonus=None):
-        """`topk_select` / `topk_select_qk` over candidates ``[start, start + length)``; returns
-        ``None`` when nothing would be removed (the official functions return their input then)."""
-        if keep_count(keep_ratio, length) == length:
-            return None
-        kw = dict(start=start, length=length, query_weight=query_weight, bonus=bonus, global_index=global_index)
-        if self.attn is not None:
-            return topk_select(self.attn, x, query_index, keep_ratio, **kw)
-        return topk_select_qk(self.q, self.k, x, query_index, keep_ratio, scale=self.scale, **kw)
-
-
-def _active(own_ratio: float, given) -> float | None:
-    """OSTrack's rule: CE runs when the block's ratio < 1 and the call's ratio (if any) < 1; the
-    call's ratio wins."""
-    if own_ratio < 1 and (given is None or given < 1):
-        return own_ratio if given is None else given
-    return None
-
-
-def _check_index(t, name: str, batch: int):
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != batch:
-        raise ValueError(f"`{name}` must be a [B={batch}, L] tensor, got "
-                         f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if t.dtype != torch.int64:
-        raise TypeError(f"`{name}` must be int64 (fasttrack uses integer global indices), got {t.dtype}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,17 +65,19 @@ class CEBlock(Block):
     def _ce(self, x, scorer, global_index_template, global_index_search, ce_template_mask, keep_ratio_search):
         B = x.shape[0]
         lens_t = global_index_template.shape[1]
-        ratio = _active(self.keep_ratio_search, keep_ratio_search)
+        ratio = active_ratio(self.keep_ratio_search, keep_ratio_search)
         if ratio is None:
             return x, global_index_search, None
         # OSTrack's own backbone passes float (linspace) indices: select on int64, hand back its dtype
         idx_dtype = global_index_search.dtype
         gi_s = global_index_search.long() if idx_dtype.is_floating_point else global_index_search
-        _check_index(gi_s, "global_index_search", B)
+        check_index(gi_s, "global_index_search", B)
         qi = ce_query_index(ce_template_mask, B, lens_t, 0, x.device)
         sel = scorer.select(x, qi, ratio, lens_t, x.shape[1] - lens_t, gi_s)
         if sel is None:
             return x, global_index_search, None
+        if idx_dtype == torch.int64:
+            return sel.tokens, sel.keep_global, sel.removed_global
         return sel.tokens, sel.keep_global.to(idx_dtype), sel.removed_global.to(idx_dtype)
 
     def forward(self, x, global_index_template, global_index_search, mask=None, ce_template_mask=None,
@@ -269,7 +205,7 @@ class VisionTransformerCE(nn.Module):
         self.pos_embed_z = nn.Parameter(torch.zeros(1, self.feat_sz_z ** 2, embed_dim))
         self.pos_embed_x = nn.Parameter(torch.zeros(1, self.feat_sz_x ** 2, embed_dim))
         for p in (self.cls_token, self.pos_embed, self.pos_embed_z, self.pos_embed_x):
-            nn.init.trunc_normal_(p, std=0.02)
+            trunc_normal_(p, std=0.02)
         self.apply(_init_vit)
 
     def embed_template(self, z):
@@ -293,16 +229,19 @@ class VisionTransformerCE(nn.Module):
                              f"{None if z is None else z.shape[-1]} / {x.shape[-1]}")
         x = self.patch_embed(x) + self.pos_embed_x
         z = self.embed_template(z) if z_tokens is None else z_tokens
-        return self.pos_drop(torch.cat([z, x], dim=1))
+        tokens = torch.cat([z, x], dim=1)
+        return tokens if _identity_like(self.pos_drop) else self.pos_drop(tokens)
 
     def _run_blocks(self, tokens, ce_template_mask, ce_keep_rate):
-        B = tokens.shape[0]
+        B, dev = tokens.shape[0], tokens.device
         lens_z, lens_x = self.pos_embed_z.shape[1], self.pos_embed_x.shape[1]
-        gi_t = torch.arange(lens_z, device=tokens.device).expand(B, lens_z).contiguous()
-        gi_s = torch.arange(lens_x, device=tokens.device).expand(B, lens_x).contiguous()
+        gi_t = index_range(B, 0, lens_z, dev)
+        gi_s = index_range(B, 0, lens_x, dev)
+        # the query rows once per forward (a bool mask is read back here, once; see nn/ce.py)
+        rows = ce_query_index(ce_template_mask, B, lens_z, 0, dev) if self.ce_loc else None
         removed, attn = [], None
         for i, blk in enumerate(self.blocks):
-            tokens, gi_t, gi_s, rem, attn = blk(tokens, gi_t, gi_s, None, ce_template_mask, ce_keep_rate)
+            tokens, gi_t, gi_s, rem, attn = blk(tokens, gi_t, gi_s, None, rows, ce_keep_rate)
             if self.ce_loc is not None and i in self.ce_loc:
                 removed.append(rem)
         return self.norm(tokens), gi_t, gi_s, removed, attn
@@ -365,13 +304,15 @@ class FusedVisionTransformerCE(VisionTransformerCE):
         zt, xs, gi_s, removed, attn = self.forward_split(z, x, ce_template_mask, ce_keep_rate, z_tokens)
         lens_x = self.pos_embed_x.shape[1]
         if xs.shape[1] != lens_x:
-            xs = pad_scatter(xs.contiguous(), gi_s, lens_x)
+            # the indices come from the selection op: no host read of the CUDA kernel's index check
+            # (CPU kernels check while they read, for free)
+            xs = pad_scatter(xs.contiguous(), gi_s, lens_x, check_index=False)
         return torch.cat([zt, xs], dim=1), {"attn": attn, "removed_indexes_s": removed}
 
 
 def _init_vit(m):
     if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
+        trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):
@@ -400,11 +341,16 @@ class OSTrack(nn.Module):
             raise ValueError(f"`box_head.feat_sz` ({self.feat_sz_s}) must equal the search feature size "
                              f"({backbone.feat_sz_x})")
 
+    # The reference head gets what the official forward_head gives it, a contiguous NCHW map (a
+    # strided view changes the convolution algorithm at B > 1: outputs off by ~3e-6); the fused head
+    # reads the tokens as a channels-last map, which its im2col GEMM wants anyway.
+    _head_channels_last = False
+
     def forward_head(self, cat_feature, gt_score_map=None):
         B = cat_feature.shape[0]
-        # the search tokens as a [B, C, H, W] strided view (OSTrack copies them to NCHW first; the
-        # convs give the same values either way)
-        opt = cat_feature[:, -self.feat_len_s:].transpose(1, 2).unflatten(2, (self.feat_sz_s, self.feat_sz_s))
+        fs = self.feat_sz_s
+        enc = cat_feature[:, -self.feat_len_s:].transpose(1, 2)                 # [B, C, HW]
+        opt = enc.unflatten(2, (fs, fs)) if self._head_channels_last else enc.contiguous().view(B, -1, fs, fs)
         score_map, bbox, size_map, offset_map = self.box_head(opt, gt_score_map)
         return {"pred_boxes": bbox.view(B, 1, 4), "score_map": score_map, "size_map": size_map,
                 "offset_map": offset_map}
@@ -419,7 +365,7 @@ class OSTrack(nn.Module):
         out["backbone_feat"] = x
         return out
 
-    def track(self, search, template=None, ce_template_mask=None, ce_keep_rate=None):
+    def track(self, search, template=None, ce_template_mask=None, ce_keep_rate=None, cuda_graph=False):
         """Opt-in per-frame API that reuses the template's work across frames.
 
         Exactness: only the search-independent part is reused — the template's patch + positional
@@ -430,9 +376,22 @@ class OSTrack(nn.Module):
         that call (give the template again after changing weights). In eval mode the result equals
         ``forward(last template, search, ...)`` exactly (the same ops on the same values); in
         training mode ``pos_drop`` would draw new dropout masks, so this is an inference API.
+
+        ``ce_template_mask``: as `forward`, plus ``"ctr_point"`` — the official tracker's setting
+        (``CE_TEMPLATE_RANGE='CTR_POINT'``: the template centre scores the candidates) without a
+        mask tensor; the official tracker passes that mask, so use it to track as OSTrack does.
+        ``None`` scores with every template row (the network's default, not the tracker's).
+
+        ``cuda_graph=True`` (CUDA tensors only): the step after the template embedding runs as one
+        CUDA-graph replay per input shape (`fasttrack.nn.cuda_graph`; the outputs are the capture's
+        buffers, overwritten by the next call), with the same values as the eager step.
+        ``ce_template_mask`` must then be None, "ctr_point" or an int64 row index [B, R]: a bool
+        mask names its rows by value, which a graph cannot read.
         """
         if not hasattr(self.backbone, "embed_template"):
             raise TypeError(f"track: the backbone ({type(self.backbone).__name__}) has no `embed_template`")
+        if cuda_graph:
+            require_graph_inputs(f"{type(self).__name__}.track", ce_template_mask, search=search, template=template)
         if template is not None:
             self._track_z = self.backbone.embed_template(template)
         z = self.__dict__.get("_track_z")
@@ -440,17 +399,29 @@ class OSTrack(nn.Module):
             raise ValueError("track: pass `template` on the first call")
         if z.shape[0] != search.shape[0]:
             raise ValueError(f"track: `search` has batch {search.shape[0]}, the cached template {z.shape[0]}")
+        if cuda_graph:
+            step = self.__dict__.get("_track_graph")
+            if step is None:
+                step = self.__dict__["_track_graph"] = GraphedStep(self._track_step,
+                                                                   name=f"{type(self).__name__}.track")
+            return step(search, z, ce_template_mask, ce_keep_rate)
+        return self._track_step(search, z, ce_template_mask, ce_keep_rate)
+
+    def _track_step(self, search, z, ce_template_mask, ce_keep_rate):
         x, aux = self.backbone(None, search, ce_template_mask=ce_template_mask, ce_keep_rate=ce_keep_rate, z_tokens=z)
         return self._finish(x, aux)
 
     def __getstate__(self):
         state = super().__getstate__().copy()
         state.pop("_track_z", None)
+        state.pop("_track_graph", None)
         return state
 
 
 class FusedOSTrack(OSTrack):
     """`OSTrack` with the fused backbone and box head (same keys, forward and outputs)."""
+
+    _head_channels_last = True
 
     @classmethod
     def from_reference(cls, ref: OSTrack) -> "FusedOSTrack":
@@ -478,3 +449,26 @@ def build_ostrack(config="vitb_256_mae_ce", fused=False, depth=12, head_channels
     ref = OSTrack(VisionTransformerCE(**kw), CenterPredictor(inplanes=kw.get("embed_dim", 768), channel=head_channels,
                                                               feat_sz=s // 16, stride=16))
     return FusedOSTrack.from_reference(ref) if fused else ref
+
+
+# --------------------------------------------------------------------------------------------
+# patch_model (fasttrack.nn._recognizers): OSTrack's CEBlock (official or this module's)
+# --------------------------------------------------------------------------------------------
+def match_ce_block(m) -> bool:
+    return vit_block_parts(m) and {"global_index_template", "global_index_search"} <= forward_params(m)
+
+
+def probe_ce_block(m):
+    """4 template + 12 search tokens, the block's own keep ratio (OSTrack's backbone passes float
+    global indices)."""
+    gi_t = torch.arange(4.0, device=m.attn.qkv.weight.device).expand(2, 4)
+    gi_s = torch.arange(12.0, device=m.attn.qkv.weight.device).expand(2, 12)
+    return (probe_like(m, 2, 16, block_dim(m)), gi_t, gi_s), {}
+
+
+def fused_ce_block(m) -> FusedCEBlock:
+    fused_vit_block(m)    # the same refusals as a plain block (explicit attention path)
+    return FusedCEBlock.from_reference(m)
+
+
+register_recognizer("ostrack.ce_block", match_ce_block, fused_ce_block, probe=probe_ce_block)

@@ -38,12 +38,18 @@ from torch import nn
 
 from functools import partial
 
+from fasttrack.nn.init import trunc_normal_
+from fasttrack.nn.ce import (
+    Scorer, active_ratio, ce_query_index, check_index, index_range, template_mask,
+)
+from fasttrack.nn.cuda_graph import GraphedStep, require_graph_inputs
+from fasttrack.nn.derived import Derived
 from fasttrack.nn.head import CenterPredictor, FusedCenterPredictor
 from fasttrack.nn.linear import _packable
-from fasttrack.nn.ostrack import (
-    OSTrack, PatchEmbed, Scorer, VisionTransformerCE, _active, _check_index, _init_vit, ce_query_index, ctr_point_mask,
-)
+from fasttrack.nn.ostrack import OSTrack, PatchEmbed, VisionTransformerCE, _init_vit
+from fasttrack.nn._recognizers import forward_params, has_attrs, is_linear, probe_like, register_recognizer
 from fasttrack.ops import pad_scatter
+from fasttrack.nn.vit import block_dim, fused_vit_block, vit_block_parts
 from fasttrack.nn.vit import (
     Block, FusedBlock, _identity_like, drop_path_of, drop_path_or_identity, sdpa_is_faster,
     share_block_parts,
@@ -61,14 +67,17 @@ UTPTRACK_S_LOCS = dict(ce_loc=(6, 12, 18), ce_keep=0.7, dte_loc=(9, 15, 21), dte
 
 
 def prune_groups(x, scorer: Scorer, *, n_cls, n_text, global_index_sz, global_index_dz, global_index_x,
-                 ce_template_mask, z_indicate_mask, ratio_x, ratio_dz, ratio_sz, text_weight=None, text_targets=""):
+                 ce_template_mask, z_indicate_mask, ratio_x, ratio_dz, ratio_sz, text_weight=None, text_targets="",
+                 query_count=None):
     """CE / DTE / STE of one block (module docstring). ``ratio_*`` None = that group is not pruned.
+    ``ce_template_mask``: any form `fasttrack.nn.ce.ce_query_index` takes; ``query_count``: its
+    True entries per row when the caller knows it (nothing is then read back on the host).
     Returns ``(x, gi_sz, gi_dz, removed_sz, removed_dz, gi_x, removed_x, ce_template_mask,
-    z_indicate_mask)``."""
+    z_indicate_mask)``; the mask comes back as a bool tensor when a group was pruned."""
     B, N = x.shape[0], x.shape[1]
     for name, t in (("global_index_sz", global_index_sz), ("global_index_dz", global_index_dz),
                     ("global_index_x", global_index_x)):
-        _check_index(t, name, B)
+        check_index(t, name, B)
     lens_sz, lens_dz, lens_x = global_index_sz.shape[1], global_index_dz.shape[1], global_index_x.shape[1]
     if n_cls + lens_x + lens_sz + lens_dz + n_text != N:
         raise ValueError(f"`x` has {N} tokens but the layout [cls]*{n_cls} + x {lens_x} + static z {lens_sz} + "
@@ -77,7 +86,12 @@ def prune_groups(x, scorer: Scorer, *, n_cls, n_text, global_index_sz, global_in
         raise ValueError(f"`z_indicate_mask` must have shape [{B}, {lens_sz}], got {list(z_indicate_mask.shape)}")
     s_x, s_sz = n_cls, n_cls + lens_x
     s_dz = s_sz + lens_sz
-    qi = ce_query_index(ce_template_mask, B, lens_sz, s_sz, x.device)
+    if ratio_x is None and ratio_dz is None and ratio_sz is None:
+        return (x, global_index_sz, global_index_dz, None, None, global_index_x, None, ce_template_mask,
+                z_indicate_mask)
+    if query_count is None or not isinstance(ce_template_mask, torch.Tensor) or ce_template_mask.dtype != torch.bool:
+        ce_template_mask, query_count = template_mask(ce_template_mask, B, lens_sz, x.device)
+    qi = ce_query_index(ce_template_mask, B, lens_sz, s_sz, x.device, count=query_count)
 
     def rows(letter):
         if n_text and text_weight is not None and letter in text_targets:
@@ -154,18 +168,18 @@ class UTPTrackOBlock(Block):
         super().__init__(dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path, act_layer, norm_layer)
         self.keep_ratio_x, self.keep_ratio_dz, self.keep_ratio_sz = keep_ratio_x, keep_ratio_dz, keep_ratio_sz
 
-    def _prune(self, x, scorer, gi_sz, gi_dz, gi_x, ce_template_mask, kx, kdz, ksz, z_indicate_mask):
+    def _prune(self, x, scorer, gi_sz, gi_dz, gi_x, ce_template_mask, kx, kdz, ksz, z_indicate_mask, count):
         return prune_groups(x, scorer, n_cls=0, n_text=0, global_index_sz=gi_sz, global_index_dz=gi_dz,
                             global_index_x=gi_x, ce_template_mask=ce_template_mask, z_indicate_mask=z_indicate_mask,
-                            ratio_x=_active(self.keep_ratio_x, kx), ratio_dz=_active(self.keep_ratio_dz, kdz),
-                            ratio_sz=_active(self.keep_ratio_sz, ksz))
+                            ratio_x=active_ratio(self.keep_ratio_x, kx), ratio_dz=active_ratio(self.keep_ratio_dz, kdz),
+                            ratio_sz=active_ratio(self.keep_ratio_sz, ksz), query_count=count)
 
     def forward(self, x, global_index_sz, global_index_dz, global_index_x, mask=None, ce_template_mask=None,
-                keep_ratio_x=None, keep_ratio_dz=None, keep_ratio_sz=None, z_indicate_mask=None):
+                keep_ratio_x=None, keep_ratio_dz=None, keep_ratio_sz=None, z_indicate_mask=None, ce_query_count=None):
         y, attn = self.attn(self.norm1(x), mask, True)
         x = x + self.drop_path(y)
         res = self._prune(x, Scorer(attn=attn), global_index_sz, global_index_dz, global_index_x, ce_template_mask,
-                          keep_ratio_x, keep_ratio_dz, keep_ratio_sz, z_indicate_mask)
+                          keep_ratio_x, keep_ratio_dz, keep_ratio_sz, z_indicate_mask, ce_query_count)
         x = res[0]
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return _out((x,) + res[1:], attn)
@@ -195,7 +209,7 @@ class FusedUTPTrackOBlock(FusedBlock):
     _prune = UTPTrackOBlock._prune
 
     def forward(self, x, global_index_sz, global_index_dz, global_index_x, mask=None, ce_template_mask=None,
-                keep_ratio_x=None, keep_ratio_dz=None, keep_ratio_sz=None, z_indicate_mask=None):
+                keep_ratio_x=None, keep_ratio_dz=None, keep_ratio_sz=None, z_indicate_mask=None, ce_query_count=None):
         if self.return_attention or mask is not None:
             y, attn = self.attn(self.norm1(x), mask, True)
             x, scorer = x + self.drop_path(y), Scorer(attn=attn)
@@ -204,7 +218,7 @@ class FusedUTPTrackOBlock(FusedBlock):
             scorer = Scorer(attn=amap) if amap is not None else Scorer(q=q, k=k, scale=self.attn.scale)
             attn = None
         res = self._prune(x, scorer, global_index_sz, global_index_dz, global_index_x, ce_template_mask,
-                          keep_ratio_x, keep_ratio_dz, keep_ratio_sz, z_indicate_mask)
+                          keep_ratio_x, keep_ratio_dz, keep_ratio_sz, z_indicate_mask, ce_query_count)
         return _out((self.mlp_residual(res[0]),) + res[1:], attn)
 
 
@@ -232,6 +246,30 @@ class ITPNAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def sharing(cls, ref: nn.Module) -> "ITPNAttention":
+        """This attention over ``ref``'s parameters (no copy): an official Fast-iTPN / SUTrack
+        ``Attention`` with ``subln`` (``q_proj`` / ``k_proj`` / ``v_proj`` without bias, ``q_bias``,
+        ``v_bias``, ``proj``), whose own forward has no ``return_attention`` and no fp16 / bf16
+        fused path. Relative position bias tables are refused (SUTrack passes ``rel_pos_bias=None``)."""
+        who = f"{cls.__name__}.sharing"
+        for name in ("q_proj", "k_proj", "v_proj", "proj"):
+            if not isinstance(getattr(ref, name, None), nn.Linear):
+                raise TypeError(f"{who}: `attn.{name}` must be an nn.Linear (the subln Fast-iTPN attention)")
+        for name in ("relative_position_bias_table", "rel_pos_bias"):
+            if getattr(ref, name, None) is not None:
+                raise TypeError(f"{who}: `attn.{name}` (relative position bias) is not supported")
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.num_heads, m.scale = int(ref.num_heads), float(ref.scale)
+        for name in ("q_proj", "k_proj", "v_proj", "proj"):
+            setattr(m, name, getattr(ref, name))
+        m.q_bias, m.v_bias = getattr(ref, "q_bias", None), getattr(ref, "v_bias", None)
+        m.attn_drop = ref.attn_drop if getattr(ref, "attn_drop", None) is not None else nn.Dropout(0.0)
+        m.proj_drop = ref.proj_drop if getattr(ref, "proj_drop", None) is not None else nn.Dropout(0.0)
+        m.train(ref.training)
+        return m
 
     def _heads(self, t, B, N):
         return t.reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
@@ -315,7 +353,7 @@ class UTPTrackSBlock(nn.Module):
 
     def _prune(self, xz, scorer, gi_sz, gi_dz, gi_x, ce_template_mask, kx, kdz, ksz, num_template, z_indicate_mask,
                task_index):
-        ratios = (_active(self.keep_ratio_x, kx), _active(self.keep_ratio_dz, kdz), _active(self.keep_ratio_sz, ksz))
+        ratios = (active_ratio(self.keep_ratio_x, kx), active_ratio(self.keep_ratio_dz, kdz), active_ratio(self.keep_ratio_sz, ksz))
         if any(r is not None for r in ratios) and num_template != 2:
             raise ValueError("`num_template` must be 2 for UTPTrack-S pruning (static + dynamic template), "
                              f"got {num_template}")
@@ -339,24 +377,17 @@ class UTPTrackSBlock(nn.Module):
         return _out((xz,) + res[1:], attn)
 
 
-class _Derived:
+class _PackedPair(Derived):
     """A oneDNN-packed ``(weight, bias)`` derived from Parameters (concatenated, or scaled by a
-    layer-scale gamma), rebuilt when any source tensor changes (storage or version)."""
+    layer-scale gamma); `fasttrack.nn.derived` states when it is rebuilt."""
 
-    __slots__ = ("key", "weight", "packed", "bias")
-
-    def __init__(self):
-        self.key = self.weight = self.packed = self.bias = None
+    __slots__ = ()
 
     def get(self, sources, build):
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources if t is not None)
-        if key != self.key:
-            with torch.no_grad():
-                w, b = build()
-            self.weight = w.contiguous()
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
-            self.bias, self.key = b, key
-        return self.packed, self.bias
+        def packed():
+            w, b = build()
+            return torch.ops.mkldnn._reorder_linear_weight(w.contiguous()), b
+        return super().get(sources, packed)
 
 
 class FusedUTPTrackSBlock(UTPTrackSBlock):
@@ -372,7 +403,7 @@ class FusedUTPTrackSBlock(UTPTrackSBlock):
         self._init_caches()
 
     def _init_caches(self):
-        self._qkv_c, self._w12_c, self._proj_c, self._w3_c = _Derived(), _Derived(), _Derived(), _Derived()
+        self._qkv_c, self._w12_c, self._proj_c, self._w3_c = _PackedPair(), _PackedPair(), _PackedPair(), _PackedPair()
 
     @classmethod
     def from_reference(cls, ref_module, return_attention=False) -> "FusedUTPTrackSBlock":
@@ -393,7 +424,11 @@ class FusedUTPTrackSBlock(UTPTrackSBlock):
         nn.Module.__init__(m)
         for k in ("norm1", "norm2", "gamma_1", "gamma_2"):
             setattr(m, k, getattr(ref_module, k))
-        m.attn, m.mlp = ref_module.attn, ref_module.mlp
+        # its own attention over the official parameters: the official module has neither the
+        # explicit-map interface (return_attention, masks) nor the fused paths this block calls
+        a = ref_module.attn
+        m.attn = a if isinstance(a, ITPNAttention) else ITPNAttention.sharing(a)
+        m.mlp = ref_module.mlp
         m.drop_path = drop_path_of(ref_module, cls.__name__)
         for k in ("keep_ratio_x", "keep_ratio_dz", "keep_ratio_sz"):
             setattr(m, k, float(getattr(ref_module, k, 1.0)))
@@ -473,11 +508,6 @@ class FusedUTPTrackSBlock(UTPTrackSBlock):
             xz = xz + self.drop_path(self.gamma_2 * self.mlp(self.norm2(xz)))
         return _out((xz,) + res[1:], attn)
 
-    def __getstate__(self):
-        state = super().__getstate__().copy()
-        for k in ("_qkv_c", "_w12_c", "_proj_c", "_w3_c"):
-            state[k] = _Derived()
-        return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,7 +565,7 @@ class UTPTrackOViT(nn.Module):
         self.pos_embed_z = nn.Parameter(torch.zeros(1, self.feat_sz_z ** 2, embed_dim))
         self.pos_embed_x = nn.Parameter(torch.zeros(1, self.feat_sz_x ** 2, embed_dim))
         for p in (self.cls_token, self.pos_embed, self.pos_embed_z, self.pos_embed_x):
-            nn.init.trunc_normal_(p, std=0.02)
+            trunc_normal_(p, std=0.02)
         self.apply(_init_vit)
 
     def _check_image(self, name, t, feat):
@@ -553,16 +583,19 @@ class UTPTrackOViT(nn.Module):
     def _blocks(self, x, sz, dz, ce_template_mask, z_indicate_mask):
         B, lx, lz = x.shape[0], x.shape[1], sz.shape[1]
         dev = x.device
-        gi_x = torch.arange(lx, device=dev).expand(B, lx).contiguous()
-        gi_sz = torch.arange(lz, device=dev).expand(B, lz).contiguous()
-        gi_dz = torch.arange(lz, lz + dz.shape[1], device=dev).expand(B, dz.shape[1]).contiguous()
+        gi_x = index_range(B, 0, lx, dev)
+        gi_sz = index_range(B, 0, lz, dev)
+        gi_dz = index_range(B, lz, lz + dz.shape[1], dev)
+        # the mask and its row count once per forward (a bool mask is read back here, once; nn/ce.py)
+        ce_template_mask, count = template_mask(ce_template_mask, B, lz, dev)
         if z_indicate_mask is not None and z_indicate_mask.dtype != torch.bool and not z_indicate_mask.is_floating_point():
             raise TypeError(f"`z_indicate_mask` must be bool or floating, got {z_indicate_mask.dtype}")
         tokens = torch.cat([x, sz, dz], dim=1)
         removed = []
         for i, blk in enumerate(self.blocks):
             tokens, gi_sz, gi_dz, _, _, gi_x, rx, _, ce_template_mask, z_indicate_mask = blk(
-                tokens, gi_sz, gi_dz, gi_x, None, ce_template_mask, z_indicate_mask=z_indicate_mask)
+                tokens, gi_sz, gi_dz, gi_x, None, ce_template_mask, z_indicate_mask=z_indicate_mask,
+                ce_query_count=count)
             if i in self.ce_loc and rx is not None:
                 removed.append(rx)
         return self.norm(tokens), gi_x, gi_sz, gi_dz, removed
@@ -608,7 +641,8 @@ class FusedUTPTrackOViT(UTPTrackOViT):
         return m
 
     def _repad(self, xs, gi_x, removed):
-        return pad_scatter(xs.contiguous(), gi_x, self.pos_embed_x.shape[1])
+        # indices from the selection op: no host read of the CUDA kernel's index check
+        return pad_scatter(xs.contiguous(), gi_x, self.pos_embed_x.shape[1], check_index=False)
 
 
 class UTPTrackO(nn.Module):
@@ -630,6 +664,8 @@ class UTPTrackO(nn.Module):
             raise ValueError(f"`box_head.feat_sz` ({self.feat_sz_s}) must equal the search feature size "
                              f"({backbone.feat_sz_x})")
 
+    _head_channels_last = False   # as OSTrack: the reference head gets a contiguous NCHW map
+
     def _finish(self, xs, zs, aux):
         out = OSTrack.forward_head(self, xs)  # the head reads the last feat_sz^2 tokens: all of xs
         out.update(aux)
@@ -640,12 +676,14 @@ class UTPTrackO(nn.Module):
         return self._finish(*self.backbone(template, dynamic_template, search, ce_template_mask, z_indicate_mask))
 
     def example_inputs(self, batch=1, dtype=torch.float32, generator=None):
-        """Random ``(template, dynamic_template, search, ce_template_mask)`` of this network's sizes."""
+        """Random ``(template, dynamic_template, search, ce_template_mask)`` of this network's sizes;
+        the mask is ``"ctr_point"`` (the template centre, as OSTrack-lineage trackers call it)."""
         t, s = self.backbone.feat_sz_z * self.backbone.patch_size, self.backbone.feat_sz_x * self.backbone.patch_size
         imgs = [torch.randn(batch, 3, n, n, generator=generator).to(dtype) for n in (t, t, s)]
-        return (*imgs, ctr_point_mask(batch, self.backbone.feat_sz_z))
+        return (*imgs, "ctr_point")
 
-    def track(self, search, template=None, dynamic_template=None, ce_template_mask=None, z_indicate_mask=None):
+    def track(self, search, template=None, dynamic_template=None, ce_template_mask=None, z_indicate_mask=None,
+              cuda_graph=False):
         """Opt-in per-frame API that reuses template work across frames.
 
         Exactness: only the search-independent part is reused — the patch + positional embedding of
@@ -656,8 +694,16 @@ class UTPTrackO(nn.Module):
         holds tensors computed with the weights of that call: give the images again after changing
         the weights. The result equals ``forward(last template, last dynamic_template, search,
         ...)`` exactly (same ops on the same values).
+
+        ``cuda_graph=True`` (CUDA tensors only): the step after the template embeddings runs as one
+        CUDA-graph replay per input shape (`fasttrack.nn.cuda_graph`; outputs are the capture's
+        buffers, overwritten by the next call), with the same values as the eager step;
+        ``ce_template_mask`` must then be None, "ctr_point" or an int64 row index.
         """
         bb = self.backbone
+        if cuda_graph:
+            require_graph_inputs(f"{type(self).__name__}.track", ce_template_mask, search=search, template=template,
+                                 dynamic_template=dynamic_template, z_indicate_mask=z_indicate_mask)
         if template is not None:
             bb._check_image("template", template, bb.feat_sz_z)
             self._track_sz = bb.embed_template(template)
@@ -670,17 +716,28 @@ class UTPTrackO(nn.Module):
         if sz.shape[0] != search.shape[0] or dz.shape[0] != search.shape[0]:
             raise ValueError(f"track: `search` has batch {search.shape[0]}, the cached templates "
                              f"{sz.shape[0]} / {dz.shape[0]}")
-        return self._finish(*bb.forward_embedded(search, sz, dz, ce_template_mask, z_indicate_mask))
+        if cuda_graph:
+            step = self.__dict__.get("_track_graph")
+            if step is None:
+                step = self.__dict__["_track_graph"] = GraphedStep(self._track_step,
+                                                                   name=f"{type(self).__name__}.track")
+            return step(search, sz, dz, ce_template_mask, z_indicate_mask)
+        return self._track_step(search, sz, dz, ce_template_mask, z_indicate_mask)
+
+    def _track_step(self, search, sz, dz, ce_template_mask, z_indicate_mask):
+        return self._finish(*self.backbone.forward_embedded(search, sz, dz, ce_template_mask, z_indicate_mask))
 
     def __getstate__(self):
         state = super().__getstate__().copy()
-        state.pop("_track_sz", None)
-        state.pop("_track_dz", None)
+        for k in ("_track_sz", "_track_dz", "_track_graph"):
+            state.pop(k, None)
         return state
 
 
 class FusedUTPTrackO(UTPTrackO):
     """`UTPTrackO` with the fused backbone and the BN-folded head (same keys, forward, outputs)."""
+
+    _head_channels_last = True
 
     @classmethod
     def from_reference(cls, ref: UTPTrackO) -> "FusedUTPTrackO":
@@ -693,3 +750,51 @@ def build_utptrack_o(depth=12, head_channels=256, template_size=128, search_size
     bb = UTPTrackOViT(template_size, search_size, depth=depth, **backbone_kw)
     return UTPTrackO(bb, CenterPredictor(inplanes=bb.embed_dim, channel=head_channels, feat_sz=bb.feat_sz_x,
                                          stride=16))
+
+
+# --------------------------------------------------------------------------------------------
+# patch_model (fasttrack.nn._recognizers): UTPTrack-O / UTPTrack-S pruning blocks
+# --------------------------------------------------------------------------------------------
+_PRUNING_ARGS = {"global_index_sz", "global_index_dz", "global_index_x"}
+
+
+def match_utptrack_o_block(m) -> bool:
+    return vit_block_parts(m) and _PRUNING_ARGS <= forward_params(m)
+
+
+def _gi(m, start, n):
+    return torch.arange(start, start + n, device=next(m.parameters()).device).expand(2, n)
+
+
+def probe_utptrack_o_block(m):
+    """[search 12 | static z 4 | dynamic z 4], every template row scoring (no mask)."""
+    return (probe_like(m, 2, 20, block_dim(m)), _gi(m, 0, 4), _gi(m, 4, 4), _gi(m, 0, 12)), {}
+
+
+def fused_utptrack_o_block(m) -> FusedUTPTrackOBlock:
+    fused_vit_block(m)
+    return FusedUTPTrackOBlock.from_reference(m)
+
+
+def match_utptrack_s_block(m) -> bool:
+    return (all(is_linear(m, p) for p in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.proj", "mlp.w1", "mlp.w2",
+                                           "mlp.w3"))
+            and has_attrs(m, "norm1", "norm2", "gamma_1", "gamma_2", "mlp.ffn_ln")
+            and _PRUNING_ARGS <= forward_params(m))
+
+
+def probe_utptrack_s_block(m):
+    """[cls | search 12 | static z 4 | dynamic z 4 | text], two templates, no task index."""
+    C = m.attn.q_proj.in_features
+    return (probe_like(m, 2, 22, C),), dict(global_index_sz=_gi(m, 0, 4), global_index_dz=_gi(m, 4, 4),
+                                            global_index_x=_gi(m, 0, 12), num_template=2)
+
+
+def fused_utptrack_s_block(m) -> FusedUTPTrackSBlock:
+    if getattr(m, "postnorm", False) or getattr(m, "deepnorm", False):
+        raise TypeError("Fast-iTPN postnorm / deepnorm blocks are not supported by FusedUTPTrackSBlock")
+    return FusedUTPTrackSBlock.from_reference(m)
+
+
+register_recognizer("utptrack_o.block", match_utptrack_o_block, fused_utptrack_o_block, probe=probe_utptrack_o_block)
+register_recognizer("utptrack_s.block", match_utptrack_s_block, fused_utptrack_s_block, probe=probe_utptrack_s_block)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttrack.nn._recognizers import forward_params, is_linear, has_attrs, probe_like, register_recognizer
 from fasttrack.nn.linear import FastLinear
 
 __all__ = ["DropPath", "Mlp", "Attention", "Block", "FusedMlp", "FusedAttention", "FusedBlock",
@@ -218,10 +219,10 @@ class FusedMlp(nn.Module):
 
     def forward_add(self, x, residual):
         """``residual + self(x)`` with the add fused into fc2 when nothing sits between them."""
-        h = self.drop(linear_gelu(self.fc1, x, self.act))
-        if _identity_like(self.drop):
+        h = linear_gelu(self.fc1, x, self.act)
+        if _identity_like(self.drop):   # eval: no dropout call (one dispatch fewer per block)
             return linear_add(self.fc2, h, residual)
-        return residual + self.drop(self.fc2(h))
+        return residual + self.drop(self.fc2(self.drop(h)))
 
 
 def sdpa_is_faster(q: torch.Tensor) -> bool:
@@ -364,7 +365,16 @@ class FusedBlock(nn.Module):
 
 def drop_path_of(ref: nn.Module, who: str) -> nn.Module:
     """``ref.drop_path`` as Identity or our `DropPath` (timm's has the same rule and attribute; ours
-    lets the fused blocks see when it is the identity and fuse the residual add)."""
+    lets the fused blocks see when it is the identity and fuse the residual add). timm's newer
+    blocks have ``drop_path1`` / ``drop_path2``: one DropPath of their (equal) rate serves both
+    branches (each call draws its own mask)."""
+    if hasattr(ref, "drop_path1") or hasattr(ref, "drop_path2"):
+        rates = [float(getattr(getattr(ref, n, None), "drop_prob", 0.0) or 0.0) for n in ("drop_path1", "drop_path2")]
+        if rates[0] != rates[1]:
+            raise TypeError(f"{who}.from_reference: `drop_path1` and `drop_path2` drop at different rates {rates}")
+        out = DropPath(rates[0]) if rates[0] > 0 else nn.Identity()
+        out.train(ref.training)
+        return out
     dp = getattr(ref, "drop_path", None)
     if dp is None or isinstance(dp, (nn.Identity, DropPath)):
         return nn.Identity() if dp is None else dp
@@ -388,3 +398,38 @@ def share_block_parts(fused: nn.Module, ref: nn.Module, who: str) -> None:
     fused.norm2 = ref.norm2
     fused.mlp = FusedMlp.from_reference(ref.mlp)
     fused.train(ref.training)
+
+
+# --------------------------------------------------------------------------------------------
+# patch_model (fasttrack.nn._recognizers): plain pre-norm ViT blocks (timm, OSTrack's vit.py)
+# --------------------------------------------------------------------------------------------
+def vit_block_parts(m) -> bool:
+    """The timm / OSTrack pre-norm block structure the fused blocks rebuild: ``attn.qkv``,
+    ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` linears, ``norm1``, ``norm2``, ``attn.num_heads``,
+    ``attn.scale``."""
+    return (all(is_linear(m, p) for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
+            and has_attrs(m, "norm1", "norm2", "attn.num_heads", "attn.scale"))
+
+
+def block_dim(m) -> int:
+    return int(m.attn.qkv.in_features)
+
+
+def match_vit_block(m) -> bool:
+    p = forward_params(m)
+    return vit_block_parts(m) and not ({"global_index_template", "global_index_sz"} & p) and "x" in p
+
+
+def probe_vit_block(m):
+    return (probe_like(m, 2, 16, block_dim(m)),), {}
+
+
+def fused_vit_block(m) -> FusedBlock:
+    if getattr(m.attn, "fused_attn", True) is False:
+        # timm's non-SDPA path (and AVTrack's, which adds 0.1 * attn**2 to the probabilities there)
+        raise TypeError("the module's attention runs its explicit (non-SDPA) path, `attn.fused_attn=False`, which "
+                        "the fused blocks do not reproduce")
+    return FusedBlock.from_reference(m)
+
+
+register_recognizer("vit.block", match_vit_block, fused_vit_block, probe=probe_vit_block)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from fasttrack import _extension, reference
+from fasttrack import _extension, _opchecks, reference
 from fasttrack.backend import current_backend
 
 NAMESPACE = "fasttrack"
@@ -94,7 +94,7 @@ def register(op: OpDef) -> OpDef:
         if _fallback_lib is None:
             _fallback_lib = torch.library.Library(NAMESPACE, "DEF")
         _fallback_lib.define(op.name + op.schema)
-        _fallback_lib.impl(op.name, op.reference, "CPU")
+        _fallback_lib.impl(op.name, _checked_reference(op), "CPU")
     torch.library.register_fake(op.qualname)(op.fake)
     if op.backward is not None:
         torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup_context)
@@ -104,6 +104,17 @@ def register(op: OpDef) -> OpDef:
         _keepalive.append(lib)
     REGISTRY[op.name] = op
     return op
+
+
+def _checked_reference(op: OpDef) -> Callable:
+    """The CPU kernel without `_C`: the reference, behind the checks the C++ kernel would run (a raw
+    torch.ops call reaches it without the wrapper's)."""
+    def cpu_kernel(*args):
+        op.check(*args)
+        _opchecks.values(op.name, *args)
+        return op.reference(*args)
+    cpu_kernel.__name__ = f"{op.name}_reference"
+    return cpu_kernel
 
 
 def _lazy_triton(op: OpDef) -> Callable:
@@ -138,6 +149,7 @@ def dispatch(name: str, *args):
             raise
     op.check(*args)
     if backend == "reference":
+        _opchecks.values(name, *args)   # the kernels' value checks, so the spec refuses what they refuse
         return op.reference(*args)
     if backend == "triton" and op.triton is not None and _device_of(args).type == "cpu":
         return _TritonOnCPU.apply(op, *args)

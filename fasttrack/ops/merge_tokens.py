@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 
+from fasttrack import _opchecks as checks
 from fasttrack import _validate as v
 from fasttrack.ops._registry import CheckCase, OpDef, dispatch, register
 from fasttrack.reference import merge_count
@@ -15,7 +16,7 @@ from fasttrack.reference import merge_count
 SCHEMA = ("(Tensor z, Tensor? score, Tensor? proj, Tensor? metric, float keep_ratio, str reduce=\"sum\") -> "
           "(Tensor merged, Tensor target_index, Tensor source_index, Tensor assignment)")
 SCHEMA_ARGMAX = "(Tensor src, Tensor dst) -> (Tensor max_similarity, Tensor argmax)"
-REDUCES = ("sum", "mean")
+from fasttrack._opchecks import REDUCES  # noqa: E402,F401  (re-exported)
 
 
 class Merged(NamedTuple):
@@ -25,26 +26,8 @@ class Merged(NamedTuple):
     assignment: torch.Tensor    # [B, N - K] target slot (0..K-1) of each source
 
 
-def check_args(z, score, proj, metric, keep_ratio, reduce="sum"):
-    op = "merge_tokens"
-    v.floating(z, op, "z", ndim=3)
-    B, N, C = z.shape
-    if N < 1:
-        v.fail(op, f"`z` must have at least one token, got shape {list(z.shape)}")
-    v.check((score is None) != (proj is None), op, "give exactly one of `score` [B, N] and `proj` [C]")
-    if score is not None:
-        v.floating(score, op, "score", device=z.device, shape=(B, N))
-    if proj is not None:
-        v.floating(proj, op, "proj", device=z.device, shape=(C,))
-    if metric is not None:
-        v.floating(metric, op, "metric", device=z.device, shape=(B, N, None))
-    v.ratio(keep_ratio, op)
-    if reduce not in REDUCES:
-        v.fail(op, f"`reduce` must be one of {REDUCES}, got {reduce!r}")
-
-
 def _fake(z, score, proj, metric, keep_ratio, reduce="sum"):
-    check_args(z, score, proj, metric, keep_ratio, reduce)
+    checks.merge_tokens(z, score, proj, metric, keep_ratio, reduce)
     B, N, C = z.shape
     K = merge_count(keep_ratio, N)
     idx = dict(dtype=torch.int64, device=z.device)
@@ -64,9 +47,10 @@ def _backward(ctx, grad_merged, *_):
     B, K, C = grad_merged.shape
     g = grad_merged
     if ctx.mean:
-        count = torch.ones(B, K, device=g.device, dtype=torch.float32).scatter_add(
-            1, assignment, torch.ones_like(assignment, dtype=torch.float32))
-        g = (g.float() / count.unsqueeze(-1)).to(grad_merged.dtype)
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32   # as the forward
+        count = torch.ones(B, K, device=g.device, dtype=acc).scatter_add(
+            1, assignment, torch.ones_like(assignment, dtype=acc))
+        g = (g.to(acc) / count.unsqueeze(-1)).to(grad_merged.dtype)
     own = torch.arange(K, device=g.device).expand(B, K)
     slot = torch.empty(B, K + src.shape[1], dtype=torch.int64, device=g.device).scatter_(
         1, torch.cat([tgt, src], 1), torch.cat([own, assignment], 1))
@@ -90,19 +74,12 @@ def _cases(device, dtype):
     return cases
 
 
-MERGE_TOKENS = register(OpDef("merge_tokens", SCHEMA, _fake, check_args, _setup_context, _backward,
+MERGE_TOKENS = register(OpDef("merge_tokens", SCHEMA, _fake, checks.merge_tokens, _setup_context, _backward,
                               triton="merge_tokens:merge_tokens", cases=_cases))
 
 
-def check_argmax(src, dst):
-    op = "cosine_argmax"
-    v.floating(src, op, "src", ndim=3)
-    v.floating(dst, op, "dst", ndim=3, device=src.device, shape=(src.shape[0], None, src.shape[2]))
-    v.check(dst.shape[1] >= 1 or src.shape[1] == 0, op, "`dst` must have at least one row to match against")
-
-
 def _fake_argmax(src, dst):
-    check_argmax(src, dst)
+    checks.cosine_argmax(src, dst)
     B, S = src.shape[:2]
     return src.new_empty(B, S, dtype=torch.float32), src.new_empty(B, S, dtype=torch.int64)
 
@@ -113,7 +90,7 @@ def _cases_argmax(device, dtype):
     return [CheckCase("ToMe/N320C768", (a.to(device, dtype), b.to(device, dtype)))]
 
 
-COSINE_ARGMAX = register(OpDef("cosine_argmax", SCHEMA_ARGMAX, _fake_argmax, check_argmax, triton="merge_tokens:cosine_argmax",
+COSINE_ARGMAX = register(OpDef("cosine_argmax", SCHEMA_ARGMAX, _fake_argmax, checks.cosine_argmax, triton="merge_tokens:cosine_argmax",
                                cases=_cases_argmax))
 
 
@@ -121,6 +98,7 @@ def merge_tokens(z, keep_ratio, *, score=None, proj=None, metric=None, reduce="s
     """Compress ``z [B, N, C]`` to ``K = max(1, floor(keep_ratio·N))`` tokens: the top-K by score are
     targets, every other token is added into its most cosine-similar target. Give ``score [B, N]`` or
     the fixed projection ``proj [C]`` (score = z @ proj). Differentiable w.r.t. ``z``."""
+    keep_ratio = checks.float_arg(keep_ratio, "merge_tokens", "keep_ratio")
     return Merged(*dispatch("merge_tokens", z, score, proj, metric, keep_ratio, reduce))
 
 
@@ -131,7 +109,7 @@ def cosine_argmax(src, dst):
     return dispatch("cosine_argmax", src, dst)
 
 
-def bipartite_merge(x, r, metric=None, size=None, protected=0):
+def bipartite_merge(x, r, metric=None, size=None, protected=0, clamp=True):
     """ToMe's ``bipartite_soft_matching`` + ``merge_wavg`` (semantics: `reference.bipartite_merge`).
 
     Even tokens are A, odd tokens B; each A token's best B match comes from the `cosine_argmax`
@@ -145,19 +123,31 @@ def bipartite_merge(x, r, metric=None, size=None, protected=0):
     Differentiable w.r.t. ``x`` and ``size`` as ToMe's is: the matching is computed without
     gradient (ToMe runs it under ``torch.no_grad``; ``metric`` gets none), the weighted merge is
     plain PyTorch (gather / scatter_add / divide) so autograd flows through it.
+
+    ToMe's edges: ``r`` above the mergeable count ``(N - protected) // 2`` is clamped to it (ToMe's
+    ``r = min(r, (t - protected) // 2)``; ``clamp=False`` raises instead), and ``r <= 0`` (after the
+    clamp) merges nothing: ``x`` itself is returned, with ``size`` (ones when not given) — ToMe's
+    ``do_nothing``. Precision: the similarities are computed in float32 from bf16 / fp16 inputs
+    (ToMe normalises and multiplies in the input dtype), so in half precision a near-tied match can
+    differ from ToMe's; in float32 the two agree bit for bit on the normal grid.
     """
     op = "bipartite_merge"
     v.floating(x, op, "x", ndim=3)
     B, N, C = x.shape
-    if not (isinstance(protected, int) and 0 <= protected <= N):
+    protected = checks.int_arg(protected, op, "protected")
+    if not 0 <= protected <= N:
         v.fail(op, f"`protected` must be an int in [0, N={N}], got {protected!r}")
     limit = (N - protected) // 2
-    if not (isinstance(r, int) and 0 <= r <= limit):
+    r = checks.int_arg(r, op, "r")
+    if not clamp and not 0 <= r <= limit:
         v.fail(op, f"`r` must be an int in [0, (N - protected) // 2 = {limit}] (N={N}, protected={protected}), got {r!r}")
+    r = min(r, limit)
     if metric is not None:
         v.floating(metric, op, "metric", ndim=3, device=x.device, shape=(B, N, None))
     if size is not None:
         v.floating(size, op, "size", device=x.device, shape=(B, N, 1))
+    if r <= 0:   # ToMe's do_nothing
+        return x, (size if size is not None else torch.ones(B, N, 1, dtype=x.dtype, device=x.device))
     m = (x if metric is None else metric).detach()
     na, nb = (N + 1) // 2, N // 2
     pa, pb = (protected + 1) // 2, protected // 2

@@ -19,50 +19,23 @@ from __future__ import annotations
 
 import torch
 
-from fasttrack import _validate as v
+from fasttrack import _opchecks as checks
 from fasttrack.ops._registry import CheckCase, OpDef, dispatch, register
 
 SCHEMA_GATHER = "(Tensor x, Tensor index, str layout=\"tokens\", bool check_index=True) -> Tensor"
 SCHEMA_SCATTER = ("(Tensor kept, Tensor index, int length, str layout=\"tokens\", int[] hw=[], "
                   "bool check_index=True) -> Tensor")
-LAYOUTS = ("tokens", "nchw")
-
-
-# Metadata checks (the wrapper and the fake kernels run them; the C++ kernels repeat them, same
-# messages, for direct torch.ops calls). They run on every call, so each message is formatted only
-# once its condition has failed.
-def check_gather(x, index, layout="tokens", check_index=True):
-    op = "gather_tokens"
-    if layout not in LAYOUTS:
-        v.fail(op, f"`layout` must be one of {LAYOUTS}, got {layout!r}")
-    v.floating(x, op, "x", ndim=3 if layout == "tokens" else 4)
-    v.index(index, op, "index", ndim=2, device=x.device, shape=(x.shape[0], None))
-    n = x.shape[1] if layout == "tokens" else x.shape[2] * x.shape[3]
-    if index.shape[1] > n:
-        v.fail(op, f"`index` selects {index.shape[1]} tokens but `x` has only {n}")
-
-
-def check_scatter(kept, index, length, layout="tokens", hw=(), check_index=True):
-    op = "pad_scatter"
-    if layout not in LAYOUTS:
-        v.fail(op, f"`layout` must be one of {LAYOUTS}, got {layout!r}")
-    v.floating(kept, op, "kept", ndim=3)
-    v.index(index, op, "index", ndim=2, device=kept.device, shape=tuple(kept.shape[:2]))
-    # SymInt: under torch.compile with dynamic shapes the backward passes x.shape[1] as `length`
-    if not (isinstance(length, (int, torch.SymInt)) and length >= kept.shape[1]):
-        v.fail(op, f"`length` must be an int >= k={kept.shape[1]} (the number of kept tokens), got {length!r}")
-    if layout == "nchw" and not (len(hw) == 2 and hw[0] * hw[1] == length):
-        v.fail(op, f"`hw` must be (H, W) with H*W == length={length}, got {tuple(hw)}")
+from fasttrack._opchecks import LAYOUTS  # noqa: E402  (the gather / scatter layouts)
 
 
 def _fake_gather(x, index, layout="tokens", check_index=True):
-    check_gather(x, index, layout, check_index)
+    checks.gather_tokens(x, index, layout, check_index)
     C = x.shape[2] if layout == "tokens" else x.shape[1]
     return x.new_empty(index.shape[0], index.shape[1], C)
 
 
 def _fake_scatter(kept, index, length, layout="tokens", hw=(), check_index=True):
-    check_scatter(kept, index, length, layout, hw, check_index)
+    checks.pad_scatter(kept, index, length, layout, hw, check_index)
     B, _, C = kept.shape
     return kept.new_empty(B, length, C) if layout == "tokens" else kept.new_empty(B, C, hw[0], hw[1])
 
@@ -124,9 +97,9 @@ def _cases(scatter):
     return cases
 
 
-GATHER_TOKENS = register(OpDef("gather_tokens", SCHEMA_GATHER, _fake_gather, check_gather, _setup_gather, _backward_gather,
+GATHER_TOKENS = register(OpDef("gather_tokens", SCHEMA_GATHER, _fake_gather, checks.gather_tokens, _setup_gather, _backward_gather,
                                cuda_cpp=True, cases=_cases(scatter=False)))
-PAD_SCATTER = register(OpDef("pad_scatter", SCHEMA_SCATTER, _fake_scatter, check_scatter, _setup_scatter, _backward_scatter,
+PAD_SCATTER = register(OpDef("pad_scatter", SCHEMA_SCATTER, _fake_scatter, checks.pad_scatter, _setup_scatter, _backward_scatter,
                              cuda_cpp=True, cases=_cases(scatter=True)))
 
 
@@ -144,4 +117,5 @@ def pad_scatter(kept, index, length, layout="tokens", hw=(), check_index=True):
     official OSTrack recipe promotes fp16/bf16 to fp32 because its zero pad is created as fp32).
     Index checks and ``check_index``: as `gather_tokens`."""
     hw = list(hw)
+    length = checks.int_arg(length, "pad_scatter", "length")
     return dispatch("pad_scatter", kept, index, length, layout, hw, check_index)

@@ -7,41 +7,15 @@ import math
 import torch
 
 from fasttrack import _extension
-from fasttrack import _validate as v
+from fasttrack import _opchecks as checks
 from fasttrack.ops._registry import CheckCase, OpDef, _plain_cpu_inference, dispatch, register
 
 SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor in_index, Tensor? ln_weight=None, "
           "Tensor? ln_bias=None, float eps=1e-05, bool normalize=False) -> Tensor")
 
 
-def check_args(x, weight, bias, in_index, ln_weight=None, ln_bias=None, eps=1e-5, normalize=False):
-    op = "pruned_linear"
-    v.floating(x, op, "x")
-    v.check(x.dim() >= 1, op, "`x` must have at least one dim [..., d_in]")
-    d_in = x.shape[-1]
-    v.floating(weight, op, "weight", ndim=2, device=x.device)
-    # one GEMM dtype: the kernels multiply x's dtype by weight's (the reference upcasts both)
-    if weight.dtype != x.dtype:
-        v.fail(op, f"`weight` must have x's dtype ({x.dtype}), got {weight.dtype}")
-    d_out, d_kept = weight.shape
-    v.index(in_index, op, "in_index", ndim=1, device=x.device)
-    if in_index.shape[0] != d_kept:
-        v.fail(op, f"`weight.shape[1]` ({d_kept}) must equal len(in_index) ({in_index.shape[0]})")
-    if d_kept > d_in:
-        v.fail(op, f"`in_index` keeps {d_kept} dims but `x` has only d_in={d_in}")
-    if bias is not None:
-        v.floating(bias, op, "bias", device=x.device, shape=(d_out,))
-        if bias.dtype != x.dtype:
-            v.fail(op, f"`bias` must have x's dtype ({x.dtype}), got {bias.dtype}")
-    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        if t is not None:
-            if not normalize:
-                v.fail(op, f"`{name}` is given but normalize=False")
-            v.floating(t, op, name, device=x.device, shape=(d_in,))
-
-
 def _fake(x, weight, bias, in_index, ln_weight=None, ln_bias=None, eps=1e-5, normalize=False):
-    check_args(x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize)
+    checks.pruned_linear(x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize)
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -57,8 +31,9 @@ def _backward(ctx, grad):
     x, weight, in_index, ln_weight, ln_bias = ctx.saved_tensors
     d_in = x.shape[-1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32   # as the forward
-    x2 = x.reshape(-1, d_in).to(acc)
-    g2 = grad.reshape(-1, grad.shape[-1]).to(acc)
+    M = math.prod(x.shape[:-1])   # counted, not -1: d_in or d_out may be 0
+    x2 = x.reshape(M, d_in).to(acc)
+    g2 = grad.reshape(M, grad.shape[-1]).to(acc)
     w = ln_weight.to(acc) if ln_weight is not None else None
     b = ln_bias.to(acc) if ln_bias is not None else None
     if ctx.normalize:
@@ -106,7 +81,7 @@ def _cases(device, dtype):
     return cases
 
 
-PRUNED_LINEAR = register(OpDef("pruned_linear", SCHEMA, _fake, check_args, _setup_context, _backward,
+PRUNED_LINEAR = register(OpDef("pruned_linear", SCHEMA, _fake, checks.pruned_linear, _setup_context, _backward,
                                triton="pruned_linear:pruned_linear", cases=_cases))
 
 
@@ -146,7 +121,7 @@ def gather_kept(x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize):
         try:
             return _C.cpu._pruned_linear_gather(*args)
         except Exception:
-            check_args(x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize)
+            checks.pruned_linear(x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize)
             raise
-    check_args(x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize)
+    checks.pruned_linear(x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize)
     return torch.ops.fasttrack._pruned_linear_gather(*args)

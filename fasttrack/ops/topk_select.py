@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from fasttrack import _validate as v
+from fasttrack import _opchecks as checks
 from fasttrack.ops._registry import CheckCase, OpDef, dispatch, register
 from fasttrack.reference import keep_count
 
@@ -25,49 +25,6 @@ class Selection(NamedTuple):
     removed_global: torch.Tensor
 
 
-def _check_common(op, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, n_rows):
-    v.floating(x, op, "x", ndim=3)
-    B, N, _ = x.shape
-    dev = x.device
-    if n_rows != N:
-        v.fail(op, f"`x` has {N} tokens but the attention is over {n_rows}")
-    v.index(query_index, op, "query_index", ndim=2, device=dev, shape=(B, None))
-    R = query_index.shape[1]
-    v.check(R >= 1, op, "`query_index` must hold at least one row")
-    if query_weight is not None:
-        v.floating(query_weight, op, "query_weight", device=dev, shape=(B, R))
-    if not (isinstance(start, int) and isinstance(length, int) and start >= 0 and length >= 1):
-        v.fail(op, f"`start` must be >= 0 and `length` >= 1, got start={start}, length={length}")
-    if start + length > N:
-        v.fail(op, f"`start + length` must be <= N={N}, got {start} + {length}")
-    if bonus is not None:
-        v.floating(bonus, op, "bonus", device=dev, shape=(B, length))
-    if global_index is not None:
-        v.index(global_index, op, "global_index", ndim=2, device=dev, shape=(B, length))
-    v.ratio(keep_ratio, op)
-
-
-def check_args(attn, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio):
-    v.floating(attn, "topk_select", "attn", ndim=4)
-    B, H, N, N2 = attn.shape
-    if N != N2:
-        v.fail("topk_select", f"`attn` must be [B, H, N, N], got {list(attn.shape)}")
-    v.tensor(x, "topk_select", "x", device=attn.device)
-    if not (x.dim() == 3 and x.shape[0] == B):
-        v.fail("topk_select", f"`x` must be [B={B}, N, C], got {list(x.shape)}")
-    _check_common("topk_select", x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, N)
-
-
-def check_args_qk(q, k, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, scale):
-    op = "topk_select_qk"
-    v.floating(q, op, "q", ndim=4)
-    v.floating(k, op, "k", device=q.device, shape=tuple(q.shape))
-    v.tensor(x, op, "x", device=q.device)
-    if not (x.dim() == 3 and x.shape[0] == q.shape[0]):
-        v.fail(op, f"`x` must be [B={q.shape[0]}, N, C], got {list(x.shape)}")
-    _check_common(op, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, q.shape[2])
-
-
 def _fake_outputs(x, length, keep_ratio):
     B, N, C = x.shape
     k = keep_count(keep_ratio, length)
@@ -77,12 +34,12 @@ def _fake_outputs(x, length, keep_ratio):
 
 
 def _fake(attn, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio):
-    check_args(attn, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio)
+    checks.topk_select(attn, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio)
     return _fake_outputs(x, length, keep_ratio)
 
 
 def _fake_qk(q, k, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, scale):
-    check_args_qk(q, k, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, scale)
+    checks.topk_select_qk(q, k, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio, scale)
     return _fake_outputs(x, length, keep_ratio)
 
 
@@ -201,9 +158,9 @@ def _cases(qk):
     return cases
 
 
-TOPK_SELECT = register(OpDef("topk_select", SCHEMA, _fake, check_args, _setup_context, _backward,
+TOPK_SELECT = register(OpDef("topk_select", SCHEMA, _fake, checks.topk_select, _setup_context, _backward,
                              triton="topk_select:topk_select", cases=_cases(False)))
-TOPK_SELECT_QK = register(OpDef("topk_select_qk", SCHEMA_QK, _fake_qk, check_args_qk, _setup_context_qk, _backward_qk,
+TOPK_SELECT_QK = register(OpDef("topk_select_qk", SCHEMA_QK, _fake_qk, checks.topk_select_qk, _setup_context_qk, _backward_qk,
                                 triton="topk_select:topk_select_qk", cases=_cases(True)))
 
 
@@ -213,7 +170,10 @@ def topk_select(attn, x, query_index, keep_ratio, *, start, length=None, query_w
     attention they receive from the ``query_index`` rows of ``attn`` (see
     `fasttrack.reference.topk_select` for the exact semantics). ``length`` defaults to ``N - start``.
     Differentiable w.r.t. ``x``."""
-    length = x.shape[1] - start if length is None else length
+    op = "topk_select"
+    start = checks.int_arg(start, op, "start")
+    length = x.shape[1] - start if length is None else checks.int_arg(length, op, "length")
+    keep_ratio = checks.float_arg(keep_ratio, op, "keep_ratio")
     return Selection(*dispatch("topk_select", attn, x, query_index, query_weight, bonus, global_index,
                                start, length, keep_ratio))
 
@@ -223,7 +183,10 @@ def topk_select_qk(q, k, x, query_index, keep_ratio, *, start, length=None, scal
     """`topk_select` with the attention rows computed from ``q, k [B, H, N, D]`` inside the kernel
     (``softmax(q[r]·kᵀ·scale)`` over all keys, fp32 logits) — for blocks that run their attention with
     `scaled_dot_product_attention` and never build ``[B, H, N, N]``. ``scale`` defaults to D^-0.5."""
-    length = x.shape[1] - start if length is None else length
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    op = "topk_select_qk"
+    start = checks.int_arg(start, op, "start")
+    length = x.shape[1] - start if length is None else checks.int_arg(length, op, "length")
+    keep_ratio = checks.float_arg(keep_ratio, op, "keep_ratio")
+    scale = q.shape[-1] ** -0.5 if scale is None else checks.float_arg(scale, op, "scale")
     return Selection(*dispatch("topk_select_qk", q, k, x, query_index, query_weight, bonus, global_index,
                                start, length, keep_ratio, scale))

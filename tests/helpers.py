@@ -1,0 +1,75 @@
+"""Shared test helpers: the kernels a test can run on this machine, and running a call on one.
+
+A *kernel* names where an op call runs:
+- ``"native"``: the C++ CPU kernel (the default dispatch on CPU tensors; needs ``fasttrack._C``);
+- ``"triton"``: the Triton kernel under the interpreter on CPU tensors (machines without a CUDA
+  device, where ``fasttrack.kernels`` switches the interpreter on);
+- ``"cuda"``: the dispatcher on CUDA tensors — compiled Triton kernels, CUDA C++ for gather/scatter
+  (machines with a CUDA device).
+Tests build their inputs on the CPU, `call` moves them to the kernel's device and the outputs back,
+so the same assertions compare every kernel with `fasttrack.reference` on the CPU. Autograd flows
+through the moves, so backward tests need no change either.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+import fasttrack
+from fasttrack import _extension
+from fasttrack.testing import cuda_device_present
+
+CUDA = cuda_device_present()
+
+
+def interpreter_on() -> bool:
+    import fasttrack.kernels as k
+    return k.INTERPRET
+
+
+def kernels(triton: bool = True, native: bool = True, cuda: bool = True, cuda_cpp: bool = False) -> list[str]:
+    """The kernels present here, in the order native, triton (interpreter), cuda. ``cuda_cpp``: the
+    op's GPU kernel is CUDA C++, so "cuda" also needs `_C` built with CUDA."""
+    out = []
+    if native and _extension.loaded:
+        out.append("native")
+    if triton and interpreter_on():
+        out.append("triton")
+    if cuda and CUDA and (not cuda_cpp or _extension.cuda_built()):
+        out.append("cuda")
+    return out
+
+
+def device_of(kernel: str) -> str:
+    return "cuda" if kernel == "cuda" else "cpu"
+
+
+def backend_of(kernel: str):
+    """The backend context of `kernel` ("auto" for native and cuda: the dispatcher's kernel)."""
+    return fasttrack.use_backend("triton" if kernel == "triton" else "auto")
+
+
+def to_device(tree, device):
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
+
+
+def call(kernel: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on `kernel`: tensors moved to its device (differentiably), outputs
+    moved back to the CPU."""
+    dev = device_of(kernel)
+    args, kwargs = to_device((args, kwargs), dev)
+    with backend_of(kernel):
+        out = fn(*args, **kwargs)
+    return to_device(out, "cpu")
+
+
+def randomise(m: nn.Module, scale: float = 0.1) -> nn.Module:
+    """Non-trivial norms, biases and layer scales (1-d parameters), so a dropped bias or a swapped
+    norm shows: norm weights around 1, everything else around 0."""
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                centre = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+                p.copy_(torch.randn_like(p) * scale + centre)
+    return m
