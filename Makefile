@@ -2,6 +2,7 @@
 #   make demo   - the main job: tracker networks before/after swapping in fused layers
 #   make test   - the test suite (+ every benchmark once, timing disabled)
 #   make bench  - the benchmarks, providers side by side (python -m bench)
+#   make peers  - fused fasttrack vs ONNX Runtime and OpenVINO on the exported networks (python -m bench peers)
 #   make cmake-test       - csrc/ built by CMake against the venv's LibTorch, ctest, nvcc check of *.cu
 #   make check-cuda-build - the CUDA build in a second venv (.venv-cuda, several GB of downloads)
 #   make compat TORCH=2.11.0 TRITON=3.6.0 - build + suite against another torch/triton (scripts/compat.sh)
@@ -14,11 +15,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # The CPU build of torch where there is no GPU (it lies on these machines' disk).
 TORCH_SPEC ?= torch==2.13.0
-DEPS := triton==3.9.0 ninja pybind11 numpy pytest pytest-benchmark expecttest matplotlib hypothesis
+DEPS := triton==3.9.0 ninja pybind11 numpy pytest pytest-benchmark expecttest matplotlib hypothesis \
+	onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 openvino==2026.4.1
 # parallel compile jobs: every core (a CUDA build on a 16-core GPU machine takes ~1-1.5 min at full width)
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: all install build demo test bench check info aot clean cmake-test check-cuda-build gpu-check compat asan-test
+.PHONY: all install build demo test bench peers check info aot clean cmake-test check-cuda-build gpu-check compat asan-test
 
 all: test
 
@@ -41,6 +43,9 @@ test: build
 
 bench: build
 	$(PY) -m bench $(ARGS)
+
+peers: build
+	$(PY) -m bench peers $(ARGS)
 
 check: build
 	$(PY) -m fasttrack.check $(ARGS)

@@ -82,6 +82,8 @@ setup(
     python_requires=">=3.10",
     # the supported range, tested with `make compat` (README, "Supported versions")
     install_requires=["torch>=2.11,<2.16", "triton>=3.6,<3.10", "numpy"],
+    # `python -m bench peers` and ONNX export tests: the CPU runtimes fasttrack is measured against
+    extras_require={"peers": ["onnx>=1.20", "onnxscript>=0.5", "onnxruntime>=1.20", "openvino>=2025.0"]},
     ext_modules=[Extension(
         "fasttrack._C",
         sources,

@@ -13,7 +13,8 @@ forward (see bench/profile.py). `python -m bench bandwidth` checks the B=32 memo
 with the copy bandwidth measured right before each timing (see bench/bandwidth.py); `python -m bench
 paired` times `PrunedLinear` and its pre-packed oneDNN anchor alternately (see bench/paired.py);
 `python -m bench traffic` models every Triton launcher's GPU memory traffic against the op's
-minimum bytes (see bench/traffic.py).
+minimum bytes (see bench/traffic.py); `python -m bench peers` times fused fasttrack against ONNX
+Runtime and OpenVINO on the exported networks (see bench/peers.py).
 """
 from __future__ import annotations
 
@@ -225,6 +226,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "traffic":
         from bench.traffic import main as traffic_main
         return traffic_main(argv[1:])
+    if argv and argv[0] == "peers":
+        from bench.peers import main as peers_main
+        return peers_main(argv[1:])
     if argv and argv[0] == "paired":
         from bench.paired import main as paired_main
         return paired_main(argv[1:])

@@ -10,12 +10,19 @@
 
 Use the environment variable (read when fasttrack is imported), or
 ``with fasttrack.use_backend("reference"): ...`` at run time.
+
+Graph capture and export (`capturing_graph`, `exporting_to_onnx`): while Python code is being
+traced into a graph, the fused modules take their traceable path, and while an ONNX exporter runs,
+every op call runs its reference decomposition (plain aten ops that both exporters translate), so
+``torch.onnx.export`` works on reference and fused modules with either exporter.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
+
+import torch
 
 BACKENDS = ("auto", "native", "triton", "reference")
 _state = threading.local()
@@ -101,3 +108,29 @@ def sync_checks(enabled: bool = True):
         _state.sync_checks = prev
         with _overrides_lock:
             _sync_overrides -= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Graph capture and export
+# ------------------------------------------------------------------------------------------------
+_is_compiling = torch.compiler.is_compiling    # torch.compile and torch.export
+_is_exporting = torch.compiler.is_exporting
+_jit_tracing = torch._C._is_tracing            # torch.jit.trace, and the legacy ONNX exporter
+
+
+def capturing_graph() -> bool:
+    """Python code is being traced into a graph (torch.compile, torch.export, the ONNX exporters,
+    torch.jit.trace). Then the fused modules take their traceable path: no host reads of tensor
+    values, no oneDNN pre-packed weights, no cached tensors, no direct C++ calls (a tracer does not
+    see them: a traced graph would hold their results as constants). ~70 ns."""
+    return _is_compiling() or _jit_tracing()
+
+
+def exporting_to_onnx() -> bool:
+    """An ONNX exporter is tracing (``torch.onnx.export``, ``dynamo=True`` or not). Then every
+    fasttrack op call runs its reference decomposition: aten ops with ONNX translations, stable
+    sorts as ``TopK`` (which breaks ties by the lower index, the ops' rule). The public
+    ``torch.onnx.is_in_onnx_export`` costs ~1 µs, so it is only asked while a graph is traced."""
+    if _is_compiling():   # first: Dynamo cannot trace `_jit_tracing`
+        return _is_exporting() and torch.onnx.is_in_onnx_export()
+    return _jit_tracing() and torch.onnx.is_in_onnx_export()

@@ -20,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fasttrack.backend import exporting_to_onnx
+
 
 def keep_count(keep_ratio: float, length: int) -> int:
     """Candidates kept by top-k selection: ``ceil(keep_ratio * length)`` (as OSTrack's
@@ -37,7 +39,12 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _sort_desc(score: torch.Tensor) -> torch.Tensor:
+def descending_order(score: torch.Tensor) -> torch.Tensor:
+    """Indices of ``score`` along the last dim in descending order, ties by the lower index (a
+    stable sort): the order every op and module of fasttrack ranks by."""
+    if exporting_to_onnx():
+        # ONNX has no stable sort; its TopK orders equal values by the lower index, the same rule
+        return torch.topk(score, score.shape[-1], dim=-1, largest=True, sorted=True).indices
     return torch.sort(score, dim=-1, descending=True, stable=True).indices
 
 
@@ -64,7 +71,7 @@ def _select_from_rows(rows, x, query_weight, bonus, global_index, start, length,
         removed = keep.new_empty(B, 0)
         tokens = x.clone()
     else:
-        order = _sort_desc(score)
+        order = descending_order(score)
         keep, removed = order[:, :k], order[:, k:]
         tokens = torch.cat([x[:, :start], _gather_rows(x[:, start:start + L], keep), x[:, start + L:]], 1)
     keep_global = global_index.gather(1, keep) if global_index is not None else keep.clone()
@@ -244,7 +251,7 @@ def merge_tokens(z, score, proj, metric, keep_ratio, reduce="sum"):
     if score is None:
         score = _acc(z) @ _acc(proj)
     K = merge_count(keep_ratio, N)
-    order = _sort_desc(_acc(score))
+    order = descending_order(_acc(score))
     tgt, src = order[:, :K], order[:, K:]
     m = z if metric is None else metric
     _, assignment = cosine_argmax(_gather_rows(m, src), _gather_rows(m, tgt))
@@ -287,7 +294,7 @@ def bipartite_merge(x, r, metric=None, size=None, protected=0):
     node_max, node_idx = sim.max(dim=-1)
     first = torch.where(sim == node_max.unsqueeze(-1), torch.arange(nb, device=x.device), nb).amin(-1)
     node_idx = torch.where(torch.isfinite(node_max), first, node_idx)
-    edge = _sort_desc(node_max)
+    edge = descending_order(node_max)
     unm_idx, src_idx = edge[:, r:], edge[:, :r]
     if protected:  # ToMe with a class token: unmerged A back in A order, so protected tokens lead
         unm_idx = unm_idx.sort(dim=1).values

@@ -18,7 +18,8 @@ Execution (same values in every mode):
 - fused, *static*: runs the block on the whole batch and selects with ``torch.where`` — no
   data-dependent shapes and no host read, so it suits ``torch.export`` / ONNX, GPUs (a host read
   would stall the stream) and CUDA graphs. Dispatch rule (``static`` argument): ``None`` (default)
-  compacts on CPU tensors and is static on any other device; ``True`` / ``False`` force one;
+  compacts on CPU tensors and is static on any other device and while a graph is captured
+  (`fasttrack.backend.capturing_graph`: compile, export); ``True`` / ``False`` force one;
 - training (both): the hard decision with a straight-through gradient (*choice*):
   ``g = 1[p > rho] + p − p.detach()``, ``out = g·x + (1 − g)·block(x)``, so the forward value is
   the hard selection and the gate learns; the block runs on the whole batch (its output is needed
@@ -56,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttrack.backend import capturing_graph
 from fasttrack.nn.init import trunc_normal_
 from fasttrack.nn.compresstracker import twin_from_reference
 from fasttrack.nn.ostrack import PatchEmbed, _init_vit
@@ -151,7 +153,9 @@ class FusedBypassBlock(BypassBlock):
 
     def runs_static(self, x: torch.Tensor) -> bool:
         """The dispatch rule (module doc): whole batch + select, or compaction by a host read."""
-        return (not x.is_cpu) if self.static is None else self.static
+        if self.static is not None:
+            return self.static
+        return not x.is_cpu or capturing_graph()   # a traced graph holds no host read
 
     @classmethod
     def from_reference(cls, ref_module: BypassBlock, static: bool | None = None) -> "FusedBypassBlock":

@@ -18,8 +18,9 @@ import weakref
 
 import torch
 
+from fasttrack.backend import capturing_graph, exporting_to_onnx
 from fasttrack.ops import topk_select, topk_select_qk
-from fasttrack.reference import keep_count
+from fasttrack.reference import descending_order, keep_count
 
 __all__ = ["CTR_POINT", "ctr_point_mask", "ctr_point_index", "index_range", "ce_query_index", "mask_query_count", "Scorer",
            "active_ratio", "check_index", "template_mask"]
@@ -54,7 +55,7 @@ _MODE_KEYS = tuple(torch._C._TorchDispatchModeKey.__members__.values())   # fake
 
 def _tracing() -> bool:
     """Tracing, fake tensors, or CUDA-graph capture (whose allocations hold nothing until replayed)."""
-    if torch.compiler.is_compiling() or any(torch._C._get_dispatch_mode(k) is not None for k in _MODE_KEYS):
+    if capturing_graph() or any(torch._C._get_dispatch_mode(k) is not None for k in _MODE_KEYS):
         return True
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
@@ -81,6 +82,7 @@ def index_range(batch: int, start: int, stop: int, device) -> torch.Tensor:
 
 def ctr_point_index(batch: int, lens_t: int, offset: int, device) -> torch.Tensor:
     """The centre row of a square template of ``lens_t`` tokens, shifted by ``offset``: ``[B, 1]``."""
+    lens_t = int(lens_t)   # a traced shape (torch.jit.trace) is a tensor
     side = int(round(lens_t ** 0.5))
     if side * side != lens_t:
         raise ValueError(f"ce_template_mask='ctr_point' needs a square template, got {lens_t} tokens")
@@ -100,6 +102,10 @@ def mask_query_count(mask: torch.Tensor) -> int:
     """The number of True entries per row of a bool ``[B, lens_t]`` mask (the same in every row,
     as OSTrack's ``view(bs, hn, -1, L)`` requires): one host read per mask tensor, remembered until
     the tensor is modified in place."""
+    if torch.compiler.is_exporting() or exporting_to_onnx():
+        raise ValueError("exporting with a bool `ce_template_mask` is not supported: the number of query rows "
+                         "it selects is data, and it fixes the graph's shapes. Pass ce_template_mask='ctr_point' "
+                         "(OSTrack's CTR_POINT) or an int64 row index [B, R] instead.")
     version = mask._version
     hit = _MASK_COUNTS.get(id(mask))
     if hit is not None and hit[0]() is mask and hit[1] == version:
@@ -138,8 +144,8 @@ def ce_query_index(ce_template_mask, batch: int, lens_t: int, offset: int, devic
     if ce_template_mask.shape[1] != lens_t:
         raise ValueError(f"`ce_template_mask` must have shape [{batch}, {lens_t}], got {list(ce_template_mask.shape)}")
     r = mask_query_count(ce_template_mask) if count is None else count
-    # a stable descending sort: the True positions first, in index order
-    rows = torch.argsort(ce_template_mask, dim=1, descending=True, stable=True)[:, :r]
+    # the True positions first, in index order (ONNX TopK takes no bool)
+    rows = descending_order(ce_template_mask.to(torch.int32) if exporting_to_onnx() else ce_template_mask)[:, :r]
     return rows + offset if offset else rows
 
 
@@ -152,7 +158,7 @@ def template_mask(ce_template_mask, batch: int, lens_t: int, device) -> tuple[to
         return None, None
     if isinstance(ce_template_mask, str):
         rows = ce_query_index(ce_template_mask, batch, lens_t, 0, device)
-        side = int(round(lens_t ** 0.5))
+        side = int(round(int(lens_t) ** 0.5))
         return _constant(("ctr_mask", batch, lens_t, torch.device(device)),
                          lambda: ctr_point_mask(batch, side, device)), rows.shape[1]
     if isinstance(ce_template_mask, torch.Tensor) and ce_template_mask.dtype == torch.int64:

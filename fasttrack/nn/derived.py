@@ -30,13 +30,14 @@ import torch
 from torch import nn
 
 from fasttrack import _extension
+from fasttrack.backend import capturing_graph
 
 __all__ = ["Derived", "refresh"]
 
 
 def _stamp(t: torch.Tensor):
     """The content stamp of a CPU tensor (None without `_C`, on other devices, or while tracing)."""
-    if not t.is_cpu or not _extension.loaded or torch.compiler.is_compiling() or t.is_meta:
+    if not t.is_cpu or not _extension.loaded or capturing_graph() or t.is_meta:
         return None
     return _extension._C.content_stamp(t)
 
@@ -60,7 +61,11 @@ class Derived:
 
     def get(self, sources: tuple, build: Callable):
         """The cached ``build()`` for ``sources`` (a tuple of tensors or None), rebuilt when any of
-        them changed. ``build`` runs under ``no_grad``."""
+        them changed. ``build`` runs under ``no_grad``. While a graph is captured (compile, export)
+        nothing is cached: the graph computes the value from its sources."""
+        if capturing_graph():
+            with torch.no_grad():
+                return build()
         keys = tuple(_key(t) for t in sources)
         cached = self._sources
         if (cached is not None and len(cached) == len(sources) and keys == self._keys

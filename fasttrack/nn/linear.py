@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttrack.backend import capturing_graph
 from fasttrack.nn.derived import Derived
 
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
@@ -33,12 +34,11 @@ _MKLDNN = torch.backends.mkldnn.is_available()
 
 
 # Bound once: every linear of a tracker forward asks (attribute lookups through `torch.` cost ~0.1 µs each).
-_is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 
 
 def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if _is_compiling():   # first: Dynamo traces this, and then nothing below
+    if capturing_graph():   # first: Dynamo traces this, and then nothing below
         return False
     dtype = x.dtype
     if not _MKLDNN or not x.is_cpu or dtype not in _PACKED_DTYPES or weight.dtype != dtype or not weight.is_cpu:

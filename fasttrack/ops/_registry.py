@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from fasttrack import _extension, _opchecks, reference
-from fasttrack.backend import current_backend
+from fasttrack.backend import current_backend, exporting_to_onnx
 
 NAMESPACE = "fasttrack"
 
@@ -148,6 +148,9 @@ def dispatch(name: str, *args):
             op.check(*args)
             raise
     op.check(*args)
+    if exporting_to_onnx():
+        # the graph holds the spec's aten ops (values are symbolic here: no value checks)
+        return op.reference(*args)
     if backend == "reference":
         _opchecks.values(name, *args)   # the kernels' value checks, so the spec refuses what they refuse
         return op.reference(*args)
@@ -162,6 +165,7 @@ def dispatch(name: str, *args):
 _CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 # Bound once: attribute lookups through `torch.` cost ~0.1 µs each on every op call.
 _is_compiling = torch.compiler.is_compiling
+_jit_tracing = torch._C._is_tracing
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active
 _grad_enabled = torch.is_grad_enabled
@@ -181,8 +185,9 @@ def _plain_cpu_inference(args) -> bool:
     autograd layer that `register_autograd` puts in front of the kernel (~6 µs a call) and the boxed
     argument conversion (~2 µs; `fasttrack._C.cpu`), as much as the kernel itself at tracker sizes;
     the kernel that runs is the same."""
-    # is_compiling first: Dynamo cannot trace the other two queries
-    if _is_compiling() or _dispatch_stack_len() or _functorch_active():
+    # is_compiling first: Dynamo cannot trace the other queries. Under torch.jit.trace (and the
+    # legacy ONNX exporter) a direct C++ call would be invisible to the tracer: a constant in the graph.
+    if _is_compiling() or _jit_tracing() or _dispatch_stack_len() or _functorch_active():
         return False
     grad = None
     for a in args:

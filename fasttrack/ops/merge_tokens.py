@@ -11,7 +11,7 @@ import torch
 from fasttrack import _opchecks as checks
 from fasttrack import _validate as v
 from fasttrack.ops._registry import CheckCase, OpDef, dispatch, register
-from fasttrack.reference import merge_count
+from fasttrack.reference import descending_order, merge_count
 
 SCHEMA = ("(Tensor z, Tensor? score, Tensor? proj, Tensor? metric, float keep_ratio, str reduce=\"sum\") -> "
           "(Tensor merged, Tensor target_index, Tensor source_index, Tensor assignment)")
@@ -158,7 +158,7 @@ def bipartite_merge(x, r, metric=None, size=None, protected=0, clamp=True):
         node_max, node_idx = cosine_argmax(m[:, ::2], m[:, 1::2][:, pb:])
         node_idx = node_idx + pb
         node_max[:, :pa] = float("-inf")
-    edge = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
+    edge = descending_order(node_max)
     unm_idx, src_idx = edge[:, r:], edge[:, :r]
     if protected:  # ToMe (class_token): unmerged A back in A order, so protected tokens stay first
         unm_idx = unm_idx.sort(dim=1).values
