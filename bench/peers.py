@@ -168,7 +168,8 @@ def check_peers(family: str, batch: int, depth: int | None, threads: int, workdi
     {peer: runner}, {peer: parity dict})``."""
     case = zoo.build(family, batch, torch.float32, depth=depth)
     path = os.path.join(workdir, f"{family}-B{batch}-d{depth or 'full'}.onnx")
-    export_onnx(case.reference, case.inputs, path)
+    if not os.path.exists(path):   # one export per network and batch, for every thread count
+        export_onnx(case.reference, case.inputs, path)
     inputs = fresh_inputs(case.inputs)
     with torch.no_grad():
         ref_out = case.reference(*inputs)

@@ -36,3 +36,21 @@ def test_capped_isa_kernels_match_reference(cap):
     parity = _run(cap, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_pad_scatter.py",
                   "-k", "matches_reference or channel_tails")
     assert parity.returncode == 0, parity.stdout[-3000:] + parity.stderr[-3000:]
+
+
+def test_fused_networks_run_without_onednn_bf16():
+    """oneDNN's bf16 GEMMs need AVX-512 (or AVX-NE-CONVERT); on an AVX2-only CPU packing a bf16 weight
+    raises. ONEDNN_MAX_CPU_ISA=AVX2 emulates such a CPU: every family's fused bf16 network must run
+    (bf16 then takes F.linear) and match its reference as on any machine."""
+    code = (
+        "import torch\n"
+        "from fasttrack import zoo\n"
+        "for fam in zoo.FAMILIES:\n"
+        "    c = zoo.build(fam, 1, torch.bfloat16, depth=4)\n"
+        "    with torch.no_grad():\n"
+        "        r = c.parity(c.reference(*c.inputs), c.fused(*c.inputs))\n"
+        "    assert r['index_agreement'] is None or r['index_agreement'] >= 0.9, (fam, r)\n"
+        "    print(fam, 'ok')\n")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -28,9 +28,12 @@ from torch import nn
 from fasttrack.backend import capturing_graph
 from fasttrack.nn.derived import Derived
 
-_PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # read once: Dynamo refuses to trace `mkldnn.is_available`
 _MKLDNN = torch.backends.mkldnn.is_available()
+# oneDNN's bf16 GEMMs need AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT: on an AVX2-only CPU (or under
+# ONEDNN_MAX_CPU_ISA=AVX2) packing a bf16 weight raises, so bf16 then takes F.linear
+_PACKED_DTYPES = (torch.float32,) + ((torch.bfloat16,) if _MKLDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                                     else ())
 
 
 # Bound once: every linear of a tracker forward asks (attribute lookups through `torch.` cost ~0.1 µs each).
