@@ -77,7 +77,7 @@ setup(
     name="fasttrack",
     version="0.1.0",
     description="Fused GPU/CPU kernels for transformer visual object trackers",
-    packages=["fasttrack", "fasttrack.ops", "fasttrack.nn", "fasttrack.kernels"],
+    packages=["fasttrack", "fasttrack.ops", "fasttrack.nn", "fasttrack.nn.utptrack", "fasttrack.kernels"],
     package_dir={"fasttrack": "fasttrack", "fasttrack.kernels": "kernels"},
     python_requires=">=3.10",
     # the supported range, tested with `make compat` (README, "Supported versions")

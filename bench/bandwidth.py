@@ -18,7 +18,7 @@ import time
 import torch
 
 import fasttrack
-from bench.__main__ import _copy_bandwidth
+from bench.machine import copy_bandwidth
 from bench.bench_pad_scatter import SHAPES as MAP_SHAPES
 from bench.bench_topk_select import _moved_bytes
 from fasttrack.ops.pad_scatter import random_index
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         fn, nbytes = build()
         rounds = []
         for _ in range(args.rounds):
-            bw = _copy_bandwidth(256 * 2**20)
+            bw = copy_bandwidth(256 * 2**20)
             rounds.append((nbytes / _median_time(fn), bw))
         fractions = [a / b for a, b in rounds]
         med = statistics.median(fractions)

@@ -26,7 +26,14 @@ Record fields, summed over all programs of a launch (ld = loads, st = stores):
 Seen: tl.load/tl.store (masked or not), tensor-descriptor load/store/gather/scatter, atomics, tl.dot.
 Not seen: caches or reuse across launches (totals add launches), tl.dot_scaled and non-dot FLOPs.
 """
-import inspect, math, os, pickle, re, subprocess, sys, tempfile
+import inspect
+import math
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
 
 if __name__ == "__main__":  # the CLI self-test needs the interpreter on before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -329,7 +336,8 @@ def aot_resources(jit_fn, signature, constexprs=None, arch=90, num_warps=4, num_
 
 
 def _aot_child(mod_name, src_path, qual, io):  # the compile process started by aot_resources
-    import importlib, importlib.util
+    import importlib
+    import importlib.util
     triton.knobs.runtime.interpret = False  # wins even if the module sets TRITON_INTERPRET=1 itself
     try:
         mod = importlib.import_module(mod_name) if mod_name != "__main__" else None

@@ -13,6 +13,7 @@ import torch  # noqa: F401  (the extension links against libtorch; load it first
 
 loaded: bool = False
 load_error: str | None = None
+_C = None   # the extension module, once loaded
 
 def _elf_problem(path: str) -> str | None:
     """Why the ELF shared object at `path` cannot be loaded safely, or None. A file cut short (an
@@ -59,7 +60,7 @@ def _load() -> tuple[bool, str | None]:
         from fasttrack import _C  # (registers the fasttrack:: ops on import)
     except Exception as e:  # an undefined symbol from a torch version mismatch, ...
         return False, f"{type(e).__name__}: {e}"
-    globals()["_C"] = _C
+    globals()["_C"] = _C   # `_extension._C` (defined here, once loaded)
     return True, None
 
 

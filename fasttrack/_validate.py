@@ -15,8 +15,19 @@ def check(cond: bool, op: str, msg: str) -> None:
         fail(op, msg)
 
 
+def error(op: str, msg: str) -> ValueError:
+    return ValueError(f"fasttrack.{op}: {msg}")
+
+
 def fail(op: str, msg: str):
-    raise ValueError(f"fasttrack.{op}: {msg}")
+    raise error(op, msg)
+
+
+def module_error(module: str):
+    """``err(who, msg) -> ValueError`` for a module's constructors and functions, naming them as
+    ``fasttrack.<module>.<who>`` (``module``: the module's ``__name__``)."""
+    prefix = module.removeprefix("fasttrack.")
+    return lambda who, msg: error(f"{prefix}.{who}", msg)
 
 
 def tensor(t, op: str, name: str, *, ndim: int | None = None, dtypes=None, device=None,

@@ -286,7 +286,7 @@ def bipartite_merge(x, r, metric=None, size=None, protected=0):
         return x, size
     a, b = _unit(_acc(m[:, ::2])), _unit(_acc(m[:, 1::2]))
     sim = a @ b.transpose(1, 2)
-    na, nb = sim.shape[1], sim.shape[2]
+    nb = sim.shape[2]
     pa = (protected + 1) // 2   # protected even positions 0, 2, ... < protected
     pb = protected // 2         # protected odd positions 1, 3, ... < protected
     sim[:, :pa, :] = -math.inf

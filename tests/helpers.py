@@ -65,11 +65,14 @@ def call(kernel: str, fn, *args, **kwargs):
 
 
 def randomise(m: nn.Module, scale: float = 0.1) -> nn.Module:
-    """Non-trivial norms, biases and layer scales (1-d parameters), so a dropped bias or a swapped
-    norm shows: norm weights around 1, everything else around 0."""
+    """Non-trivial norms, biases and layer scales (1-d parameters: their init plus noise of std
+    ``scale``) and BatchNorm statistics, so a dropped bias, a swapped norm or an unfolded BN shows."""
     with torch.no_grad():
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             if p.dim() == 1:
-                centre = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-                p.copy_(torch.randn_like(p) * scale + centre)
+                p.add_(torch.randn_like(p) * scale)
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_(0, scale)
+                mod.running_var.uniform_(0.5, 1.5)
     return m

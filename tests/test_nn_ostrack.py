@@ -13,6 +13,7 @@ from fasttrack.nn.ostrack import (
 )
 from fasttrack.ops._registry import serving_kernel
 from tests.tolerances import assert_close
+from tests import helpers
 
 DIM, HEADS = 768, 12
 _NATIVE = all(not serving_kernel(op, "cpu").startswith("none")
@@ -25,18 +26,6 @@ BACKENDS = ["reference",
 FULL_BACKEND = "auto" if _NATIVE else "reference"
 
 
-def _randomise(m: nn.Module):
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-    return m
-
-
 def _gi(B, L, dtype=torch.int64):
     return torch.arange(L).expand(B, L).to(dtype).contiguous()
 
@@ -47,7 +36,7 @@ def _gi(B, L, dtype=torch.int64):
 @pytest.mark.parametrize("use_mask", [True, False])
 def test_ce_block_reference_equals_official_recipe(use_mask):
     B, lt, ls = 2, 64, 256
-    blk = _randomise(CEBlock(DIM, HEADS, qkv_bias=True, keep_ratio_search=0.7)).eval()
+    blk = helpers.randomise(CEBlock(DIM, HEADS, qkv_bias=True, keep_ratio_search=0.7)).eval()
     x = torch.randn(B, lt + ls, DIM)
     m = ctr_point_mask(B, 8) if use_mask else None
     with fasttrack.use_backend("reference"), torch.no_grad():
@@ -68,7 +57,7 @@ def test_ce_block_reference_equals_official_recipe(use_mask):
 @pytest.mark.parametrize("B", [1, 4])
 def test_fused_ce_block_matches_reference(backend, B):
     lt, ls = 64, 256
-    ref = _randomise(CEBlock(DIM, HEADS, qkv_bias=True, keep_ratio_search=0.7)).eval()
+    ref = helpers.randomise(CEBlock(DIM, HEADS, qkv_bias=True, keep_ratio_search=0.7)).eval()
     fused = FusedCEBlock.from_reference(ref).eval()
     x = torch.randn(B, lt + ls, DIM)
     with fasttrack.use_backend(backend), torch.no_grad():
@@ -91,7 +80,7 @@ def test_fused_ce_block_bf16(backend):
     GEMMs round differently from ATen's, so near-tied candidates may swap: the kept sets must
     agree almost everywhere and the tokens where they agree must match."""
     B, lt, ls = 2, 64, 256
-    ref = _randomise(CEBlock(DIM, HEADS, qkv_bias=True, keep_ratio_search=0.7)).eval().to(torch.bfloat16)
+    ref = helpers.randomise(CEBlock(DIM, HEADS, qkv_bias=True, keep_ratio_search=0.7)).eval().to(torch.bfloat16)
     fused = FusedCEBlock.from_reference(ref).eval()
     x = torch.randn(B, lt + ls, DIM, dtype=torch.bfloat16)
     with fasttrack.use_backend(backend), torch.no_grad():
@@ -111,7 +100,7 @@ def test_fused_ce_block_bf16(backend):
 
 def test_fused_ce_block_mask_and_keep_rate_rules():
     B, lt, ls = 2, 64, 256
-    ref = _randomise(CEBlock(DIM, HEADS, qkv_bias=True, keep_ratio_search=0.7)).eval()
+    ref = helpers.randomise(CEBlock(DIM, HEADS, qkv_bias=True, keep_ratio_search=0.7)).eval()
     fused = FusedCEBlock.from_reference(ref).eval()
     x = torch.randn(B, lt + ls, DIM)
     mask = torch.zeros(B, lt + ls, dtype=torch.bool)
@@ -156,7 +145,7 @@ def test_ce_errors_name_the_argument():
 # backbone / network
 # --------------------------------------------------------------------------------------------
 def _pair(config="vitb_256_mae_ce", depth=12):
-    ref = _randomise(build_ostrack(config, depth=depth)).eval()
+    ref = helpers.randomise(build_ostrack(config, depth=depth)).eval()
     return ref, FusedOSTrack.from_reference(ref).eval()
 
 
@@ -207,18 +196,18 @@ def test_ostrack384_tokens():
 
 
 def test_repad_equals_official_recipe():
-    bb = VisionTransformerCE(depth=1, ce_loc=None)
+    from fasttrack.nn.ce import official_repad
     kept = torch.randn(2, 5, 8)
     gi = torch.tensor([[4, 0, 7, 2, 9], [1, 3, 5, 7, 9]])
     rem = [torch.tensor([[1, 3], [0, 2]]), torch.tensor([[5, 6, 8], [4, 6, 8]])]
     exp = R.official_pad_scatter(kept, gi, torch.cat(rem, 1))
-    assert torch.equal(bb._repad(kept, gi, rem, 10), exp)
+    assert torch.equal(official_repad(kept, gi, rem, 10), exp)
     assert torch.equal(fasttrack.pad_scatter(kept, gi, 10), exp)
 
 
 def test_training_forward_backward_through_fused_network():
     # CE at block 3; narrow for time (the full-width blocks are compared in inference above)
-    ref = _randomise(build_ostrack(depth=4, embed_dim=128, num_heads=2, head_channels=64)).train()
+    ref = helpers.randomise(build_ostrack(depth=4, embed_dim=128, num_heads=2, head_channels=64)).train()
     fused = FusedOSTrack.from_reference(ref).train()
     z, x = torch.randn(2, 3, 128, 128), torch.randn(2, 3, 256, 256)
     m = ctr_point_mask(2, 8)
@@ -297,7 +286,7 @@ def test_strict_load_of_official_key_layout(config, sizes):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("B", [1, 4])
 def test_fused_head_matches_reference(B):
-    ref = _randomise(CenterPredictor(DIM, 256, 16, 16)).eval()
+    ref = helpers.randomise(CenterPredictor(DIM, 256, 16, 16)).eval()
     fused = FusedCenterPredictor.from_reference(ref).eval()
     x = torch.randn(B, DIM, 16, 16)
     with torch.no_grad():
@@ -313,7 +302,7 @@ def test_fused_head_matches_reference(B):
 
 
 def test_fused_head_dispatch_rule_and_cache():
-    ref = _randomise(CenterPredictor(64, 32, 8, 16)).eval()
+    ref = helpers.randomise(CenterPredictor(64, 32, 8, 16)).eval()
     fused = FusedCenterPredictor.from_reference(ref).eval()
     x = torch.randn(2, 64, 8, 8)
     assert not fused.uses_folded(x)  # grad mode on, parameters need grad

@@ -14,6 +14,7 @@ from fasttrack.nn.utptrack import (
 )
 from fasttrack.ops._registry import serving_kernel
 from tests.tolerances import assert_close
+from tests import helpers
 
 _NATIVE = all(not serving_kernel(op, "cpu").startswith("none") for op in ("topk_select", "topk_select_qk"))
 BACKENDS = ["reference",
@@ -23,14 +24,6 @@ FULL_BACKEND = "auto" if _NATIVE else "reference"
 
 def _gi(B, start, L):
     return torch.arange(start, start + L).expand(B, L).contiguous()
-
-
-def _randomise(m):
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return m
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +118,7 @@ def _s_block(**kw):
     with torch.no_grad():
         blk.gamma_1.uniform_(0.5, 1.5)
         blk.gamma_2.uniform_(0.5, 1.5)
-    return _randomise(blk).eval()
+    return helpers.randomise(blk).eval()
 
 
 def _s_inputs(B):
@@ -238,7 +231,7 @@ def test_o_block_reference_semantics():
     """Scores written out directly from the attention map: CE / DTE on the centre row, STE with
     the +1 centre bonus and the soft foreground bonus; pieces assembled in layout order."""
     B = 2
-    blk = _randomise(UTPTrackOBlock(O_DIM, O_HEADS, qkv_bias=True, keep_ratio_x=0.7, keep_ratio_dz=0.7,
+    blk = helpers.randomise(UTPTrackOBlock(O_DIM, O_HEADS, qkv_bias=True, keep_ratio_x=0.7, keep_ratio_dz=0.7,
                                     keep_ratio_sz=0.7)).eval()
     x, gsz, gdz, gx, box = _o_inputs(B)
     ind = torch.rand(B, O_Z)
@@ -272,7 +265,7 @@ def test_o_stack_real_config_b1():
     """UTPTrack-O on ViT-B: CE at 3/6/9, DTE+STE at 4/7/10, keep 0.7, 12 blocks."""
     c = UTPTRACK_O_LOCS
     ref = nn.ModuleList([
-        _randomise(UTPTrackOBlock(O_DIM, O_HEADS, qkv_bias=True, norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6),
+        helpers.randomise(UTPTrackOBlock(O_DIM, O_HEADS, qkv_bias=True, norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6),
                                   keep_ratio_x=c["ce_keep"] if i in c["ce_loc"] else 1.0,
                                   keep_ratio_dz=c["dte_keep"] if i in c["dte_loc"] else 1.0,
                                   keep_ratio_sz=c["ste_keep"] if i in c["ste_loc"] else 1.0))
@@ -293,7 +286,7 @@ def test_o_stack_real_config_b1():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_o_block_b4(backend):
-    ref = _randomise(UTPTrackOBlock(O_DIM, O_HEADS, qkv_bias=True, keep_ratio_x=0.7, keep_ratio_dz=0.7,
+    ref = helpers.randomise(UTPTrackOBlock(O_DIM, O_HEADS, qkv_bias=True, keep_ratio_x=0.7, keep_ratio_dz=0.7,
                                     keep_ratio_sz=0.7)).eval()
     fused = FusedUTPTrackOBlock.from_reference(ref).eval()
     x, gsz, gdz, gx, box = _o_inputs(4)
@@ -347,7 +340,7 @@ def _grads(blk, x, call):
 @pytest.mark.parametrize("family", ["O", "S"])
 def test_training_forward_backward(family):
     if family == "O":
-        ref = _randomise(UTPTrackOBlock(256, 4, qkv_bias=True, keep_ratio_x=0.7, keep_ratio_dz=0.7, keep_ratio_sz=0.7))
+        ref = helpers.randomise(UTPTrackOBlock(256, 4, qkv_bias=True, keep_ratio_x=0.7, keep_ratio_dz=0.7, keep_ratio_sz=0.7))
         fused = FusedUTPTrackOBlock.from_reference(ref)
         B = 2
         x, gsz, gdz, gx = torch.randn(B, 100 + 32, 256), _gi(B, 0, 16), _gi(B, 16, 16), _gi(B, 0, 100)
@@ -357,7 +350,7 @@ def test_training_forward_backward(family):
     else:
         ref = UTPTrackSBlock(128, 4, mlp_ratio=3.0, qkv_bias=True, keep_ratio_x=0.7, keep_ratio_dz=0.6,
                              keep_ratio_sz=0.6, multimodal_aware_pruning_target="CDS")
-        _randomise(ref)
+        helpers.randomise(ref)
         fused = FusedUTPTrackSBlock.from_reference(ref)
         B = 2
         x, gsz, gdz, gx = torch.randn(B, 1 + 64 + 32 + 1, 128), _gi(B, 0, 16), _gi(B, 16, 16), _gi(B, 0, 64)

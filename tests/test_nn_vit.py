@@ -6,21 +6,13 @@ from torch import nn
 from fasttrack.nn.linear import FastLinear
 from fasttrack.nn.vit import Attention, Block, FusedAttention, FusedBlock, FusedMlp, Mlp, linear_add, linear_gelu
 from tests.tolerances import assert_close
+from tests import helpers
 
 DIM, HEADS, N = 768, 12, 320
 
 
-def _randomise(m: nn.Module):
-    """Non-trivial norms and biases, so a dropped bias or a swapped norm shows."""
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 1:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-    return m
-
-
 def _block(**kw):
-    return _randomise(Block(DIM, HEADS, qkv_bias=True, **kw)).eval()
+    return helpers.randomise(Block(DIM, HEADS, qkv_bias=True, **kw)).eval()
 
 
 def test_fused_block_same_keys_and_shapes():
@@ -103,9 +95,9 @@ def test_training_forward_backward_matches_reference():
 
 
 def test_attention_and_mlp_pieces():
-    att = _randomise(Attention(DIM, HEADS, qkv_bias=True)).eval()
+    att = helpers.randomise(Attention(DIM, HEADS, qkv_bias=True)).eval()
     fatt = FusedAttention.from_reference(att)
-    mlp = _randomise(Mlp(DIM, 4 * DIM)).eval()
+    mlp = helpers.randomise(Mlp(DIM, 4 * DIM)).eval()
     fmlp = FusedMlp.from_reference(mlp)
     x = torch.randn(2, 100, DIM)
     with torch.no_grad():

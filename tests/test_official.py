@@ -11,7 +11,6 @@
   non-SDPA attention;
 - ToMe's clamp, OSTrack's CTR_POINT call, the head's contiguous NCHW input.
 """
-import math
 
 import pytest
 import torch

@@ -19,7 +19,6 @@ from torch import nn
 
 import fasttrack
 from fasttrack import _extension, reference
-from fasttrack.ops._registry import REGISTRY
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

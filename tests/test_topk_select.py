@@ -11,14 +11,13 @@ Two kinds of parity:
   wherever neighbouring scores are further apart than that (the check asserts that holds for most
   positions, so it cannot pass vacuously), and tokens / global indices must follow it exactly.
 """
-import contextlib
 import math
 
 import pytest
 import torch
 
 import fasttrack
-from fasttrack import _extension, reference
+from fasttrack import reference
 from fasttrack.ops.topk_select import SHAPES, grid_attention, make_inputs
 from tests import helpers
 

@@ -9,24 +9,16 @@ from fasttrack import zoo
 from fasttrack.nn.utptrack import FusedUTPTrackO, UTPTrackO, build_utptrack_o
 from fasttrack.ops._registry import serving_kernel
 from tests.tolerances import assert_close
+from tests import helpers
 
 _NATIVE = all(not serving_kernel(op, "cpu").startswith("none")
               for op in ("topk_select", "topk_select_qk", "pad_scatter"))
 BACKEND = "auto" if _NATIVE else "reference"
 
 
-def _randomise(m):
-    # non-trivial biases / norms so a wrong parameter mapping shows up in the outputs
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return m
-
-
 def _pair(depth=12):
     torch.manual_seed(0)
-    ref = _randomise(build_utptrack_o(depth=depth)).eval()
+    ref = helpers.randomise(build_utptrack_o(depth=depth)).eval()
     return ref, FusedUTPTrackO.from_reference(ref).eval()
 
 

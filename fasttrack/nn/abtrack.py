@@ -57,12 +57,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttrack._validate import module_error
 from fasttrack.backend import capturing_graph
 from fasttrack.nn.init import trunc_normal_
-from fasttrack.nn.compresstracker import twin_from_reference
-from fasttrack.nn.ostrack import PatchEmbed, _init_vit
+from fasttrack.nn.twin import twin_from_reference
 from fasttrack.nn.pruned import MaskedBlock, PrunedBlock
-from fasttrack.nn.vit import Block, FusedBlock
+from fasttrack.nn.vit import Block, FusedBlock, PatchEmbed, init_vit_weights
 from fasttrack.nn._recognizers import probe_like, register_recognizer
 from fasttrack.prune import masked_block, prune_block, select_kept
 
@@ -70,8 +70,7 @@ __all__ = ["BypassBlock", "FusedBypassBlock", "ABTrackBackbone", "FusedABTrackBa
            "build_abtrack"]
 
 
-def _err(who: str, msg: str) -> ValueError:
-    return ValueError(f"fasttrack.nn.abtrack.{who}: {msg}")
+_err = module_error(__name__)
 
 
 def fuse_inner_block(block: nn.Module) -> nn.Module:
@@ -227,7 +226,7 @@ class ABTrackBackbone(nn.Module):
         self.norm = nn.LayerNorm(C, eps=1e-6)
         for prm in (self.cls_token, self.pos_embed, self.pos_embed_z, self.pos_embed_x, self.bypass_token):
             trunc_normal_(prm, std=0.02)
-        self.apply(_init_vit)
+        self.apply(init_vit_weights)
 
     def embed(self, z, x):
         """``[patch_embed(z) + pos_embed_z, patch_embed(x) + pos_embed_x, bypass_token]``."""

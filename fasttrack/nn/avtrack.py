@@ -39,16 +39,16 @@ from functools import partial
 import torch
 from torch import nn
 
+from fasttrack._validate import module_error
 from fasttrack.nn._recognizers import has_attrs, probe_like, register_recognizer
 from fasttrack.nn.init import trunc_normal_
-from fasttrack.nn.ostrack import PatchEmbed, _init_vit
-from fasttrack.nn.vit import Block, FusedBlock, block_dim, fused_vit_block, share_block_parts, vit_block_parts
+from fasttrack.nn.vit import (Block, FusedBlock, PatchEmbed, block_dim, fused_vit_block, init_vit_weights,
+                              share_block_parts, vit_block_parts)
 
 __all__ = ["AVTrackBlock", "FusedAVTrackBlock", "AVTrackViT", "FusedAVTrackViT", "backbone_state"]
 
 
-def _err(who: str, msg: str) -> ValueError:
-    return ValueError(f"fasttrack.nn.avtrack.{who}: {msg}")
+_err = module_error(__name__)
 
 
 class AVTrackBlock(Block):
@@ -118,7 +118,7 @@ class AVTrackViT(nn.Module):
         self.norm = nn.LayerNorm(C, eps=1e-6)
         for p in (self.cls_token, self.pos_embed, self.pos_embed_z, self.pos_embed_x):
             trunc_normal_(p, std=0.02)
-        self.apply(_init_vit)
+        self.apply(init_vit_weights)
         self.samples_run = 0
 
     def reset_counters(self) -> None:

@@ -197,6 +197,19 @@ def active_ratio(own_ratio: float, given) -> float | None:
     return None
 
 
+def official_repad(search: torch.Tensor, gi_s: torch.Tensor, removed: list, lens_x: int) -> torch.Tensor:
+    """OSTrack's re-padding of the kept search tokens (``vit_ce.py::forward_features``): append zeros,
+    scatter ``[kept, removed]`` indices back in place -> ``[B, lens_x, C]``. The zero pad takes the
+    tokens' dtype (OSTrack creates it in the default dtype, which turns a bf16 / fp16 network's output
+    into fp32 and breaks its head). The fused backbones use `fasttrack.ops.pad_scatter` instead."""
+    B, _, C = search.shape
+    removed_cat = torch.cat(removed, dim=1)
+    pad = search.new_zeros(B, lens_x - search.shape[1], C)
+    search = torch.cat([search, pad], dim=1)
+    index_all = torch.cat([gi_s, removed_cat], dim=1)
+    return torch.zeros_like(search).scatter_(1, index_all.unsqueeze(-1).expand(B, -1, C), search)
+
+
 def check_index(t, name: str, batch: int):
     if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != batch:
         raise ValueError(f"`{name}` must be a [B={batch}, L] tensor, got "

@@ -42,23 +42,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttrack._validate import module_error
 from fasttrack.nn.init import trunc_normal_
 from fasttrack.nn.head import CenterPredictor, FusedCenterPredictor
-from fasttrack.nn.ostrack import FusedOSTrack, OSTrack, PatchEmbed, _init_vit
-from fasttrack.nn.vit import Block, FusedBlock
+from fasttrack.nn.onestream import FusedOneStreamTracker, OneStreamTracker
+from fasttrack.nn.twin import twin_from_reference
+from fasttrack.nn.vit import Block, FusedBlock, PatchEmbed, init_vit_weights
 from fasttrack.nn._recognizers import probe_like, register_recognizer
 
 __all__ = ["STAGE_COUNTS", "stage_ratio", "student_init_blocks", "sample_replacement", "replacement_probability",
            "CompressTrackerBackbone", "FusedCompressTrackerBackbone", "ReplacementTraining",
-           "backbone_state", "student_state_from_teacher", "feature_mimic_loss", "twin_from_reference",
+           "backbone_state", "student_state_from_teacher", "feature_mimic_loss",
            "CompressTracker", "FusedCompressTracker", "build_compresstracker", "expected_net_keys", "official_config"]
 
 STAGE_COUNTS = (2, 3, 4, 6)
 LAYOUTS = ("student", "train", "teacher")
 
 
-def _err(who: str, msg: str) -> ValueError:
-    return ValueError(f"fasttrack.nn.compresstracker.{who}: {msg}")
+_err = module_error(__name__)
 
 
 def stage_ratio(num_stages: int, depth: int = 12) -> int:
@@ -156,7 +157,7 @@ class CompressTrackerBackbone(nn.Module):
         self.norm = nn.LayerNorm(C, eps=1e-6)
         for p in (self.pos_embed, self.pos_embed_z, self.pos_embed_x, self.cls_token):
             trunc_normal_(p, std=0.02)
-        self.apply(_init_vit)
+        self.apply(init_vit_weights)
 
     def embed(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``[patch_embed(z) + pos_embed_z, patch_embed(x) + pos_embed_x]``."""
@@ -298,38 +299,6 @@ def official_config(m: nn.Module) -> dict:
                 search_size=side[1] * patch, pretrain_size=side[2] * patch, drop_path_rate=float(rate))
 
 
-def twin_from_reference(cls, ref_module: nn.Module, base: type, config: dict | None = None, **submodules: nn.Module):
-    """``cls(**ref_module.config)`` sharing every Parameter and buffer of ``ref_module`` (no copy).
-
-    The twin is built on the meta device (no init cost) and then takes the reference's tensors by
-    ``load_state_dict(assign=True)``; a key-layout mismatch between the twins fails here.
-    ``submodules`` (name → module) replace the twin's own before loading, for parts whose structure
-    the constructor cannot know (e.g. blocks pruned after construction). ``config`` (constructor
-    arguments) is for a ``ref_module`` that is not a ``base`` (an official tracker's module).
-    Used by the fused modules of the CompressTracker, ETCTrack and ABTrack families."""
-    if config is None:
-        if not isinstance(ref_module, base):
-            raise TypeError(f"{cls.__name__}.from_reference: `ref_module` must be a {base.__name__}, "
-                            f"got {type(ref_module).__name__}")
-        config = ref_module.config
-    with torch.device("meta"):
-        m = cls(**config)
-    for name, sub in submodules.items():
-        setattr(m, name, sub)
-    # the replaced submodules bring their own (shared) tensors and may have another key layout
-    skip = tuple(f"{name}." for name in submodules)
-    state = {k: v for k, v in ref_module.state_dict(keep_vars=True).items() if not k.startswith(skip)}
-    res = m.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in res.missing_keys if not k.startswith(skip)]
-    if missing or res.unexpected_keys:
-        raise TypeError(f"{cls.__name__}.from_reference: key layouts differ: missing {missing}, "
-                        f"unexpected {res.unexpected_keys}")
-    left = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
-    if left:  # a non-persistent buffer is not in the state dict: the twin would have no data for it
-        raise TypeError(f"{cls.__name__}.from_reference: no reference tensor for {left}")
-    return m.train(ref_module.training)
-
-
 def backbone_state(net_state: dict, prefix: str = "backbone.") -> dict:
     """The backbone part of a released checkpoint's ``net`` dict (``module.`` prefixes dropped)."""
     out = {}
@@ -427,7 +396,7 @@ class ReplacementTraining(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Full network (the released inference model: student backbone + CENTER head)
 # --------------------------------------------------------------------------------------------
-class CompressTracker(OSTrack):
+class CompressTracker(OneStreamTracker):
     """The official ``CompressTrackerTest`` network: ``backbone`` (student layout) + CENTER
     ``box_head``; keys ``backbone.*`` / ``box_head.*`` as a released checkpoint's ``net`` dict, and
     OSTrack's forward (``pred_boxes``, ``score_map``, ``size_map``, ``offset_map``, ...)."""
@@ -438,7 +407,7 @@ class CompressTracker(OSTrack):
         super().__init__(backbone, box_head)
 
 
-class FusedCompressTracker(FusedOSTrack):
+class FusedCompressTracker(FusedOneStreamTracker, CompressTracker):
     """`CompressTracker` with the fused backbone and head (OSTrack's fused head path)."""
 
     def __init__(self, backbone: FusedCompressTrackerBackbone, box_head: FusedCenterPredictor):

@@ -32,7 +32,7 @@ from torch import nn
 from fasttrack import _extension
 from fasttrack.backend import capturing_graph
 
-__all__ = ["Derived", "refresh"]
+__all__ = ["Derived", "refresh", "TransientState"]
 
 
 def _stamp(t: torch.Tensor):
@@ -96,3 +96,17 @@ def refresh(module: nn.Module) -> int:
                     cache.clear()
                     n += 1
     return n
+
+
+class TransientState:
+    """Mixin for modules with per-process state in attributes named by ``_transient`` (a tracker's
+    cached template embedding, its CUDA graph): pickles and deep copies leave them out, as
+    `Derived` caches pickle empty."""
+
+    _transient: tuple = ()
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        for k in self._transient:
+            state.pop(k, None)
+        return state

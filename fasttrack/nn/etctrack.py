@@ -49,11 +49,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasttrack.nn.init import trunc_normal_
-from fasttrack.nn.compresstracker import twin_from_reference
+from fasttrack.nn.twin import twin_from_reference
 from fasttrack.nn.linear import FastLinear
-from fasttrack.nn.ostrack import _init_vit
 from fasttrack.nn.cuda_graph import GraphedStep, require_cuda
-from fasttrack.nn.vit import Block, FusedBlock, _identity_like, linear_add
+from fasttrack.nn.derived import TransientState
+from fasttrack.nn.vit import Block, FusedBlock, _identity_like, init_vit_weights, linear_add
 from fasttrack.ops import Merged, merge_tokens
 from fasttrack.nn._recognizers import probe_like, register_recognizer
 
@@ -231,7 +231,7 @@ class TokenCompressor(nn.Module):
         proj = torch.randn(dim, generator=g, device="cpu")
         self.register_buffer("score_proj", proj / proj.norm())
         trunc_normal_(self.temporal_pos_embed, std=0.02)
-        self.apply(_init_vit)
+        self.apply(init_vit_weights)
 
     def correlate(self, z: torch.Tensor) -> torch.Tensor:
         """Steps 1–2: ``[B, T·L, C]`` tokens after the temporal encoding and the correlation blocks."""
@@ -284,7 +284,7 @@ class HIBlock(nn.Module):
                                                      drop_path=drop_path, norm_layer=_norm) for _ in range(depth)])
         self.search_cross = self.cross_cls(dim, num_heads, qkv_bias)
         self.conv_ffn = self.ffn_cls(dim, self.search_hw, ffn_ratio)
-        self.apply(_init_vit)
+        self.apply(init_vit_weights)
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         who = type(self).__name__
@@ -316,13 +316,14 @@ class FusedHIBlock(HIBlock):
 # --------------------------------------------------------------------------------------------
 # Encoder: compressor + interaction stages
 # --------------------------------------------------------------------------------------------
-class ETCTrackEncoder(nn.Module):
+class ETCTrackEncoder(TransientState, nn.Module):
     """The compressor followed by ``num_stages`` `HIBlock` s (*choice*: 4 stages of 3 ViT blocks,
     ViT-B's 12): ``forward(z [B, T, L, C], x [B, Hs·Ws, C])`` → ``(z [B, K, C], x [B, Hs·Ws, C])``.
     Keys: ``compressor.*`` (TokenCompressor) and ``stages.{k}.*`` (HIBlock)."""
 
     compressor_cls = TokenCompressor
     stage_cls = HIBlock
+    _transient = ("_track_z", "_track_graph")
 
     def __init__(self, dim: int = 768, num_heads: int = 12, num_frames: int = 5, tokens_per_frame: int = 64,
                  keep_ratio: float = 0.7, compressor_depth: int = 1, num_stages: int = 4, stage_depth: int = 3,
@@ -374,12 +375,6 @@ class ETCTrackEncoder(nn.Module):
                 step = self.__dict__["_track_graph"] = GraphedStep(self._stages, name="ETCTrackEncoder.track")
             return step(merged, x)
         return self._stages(merged, x)
-
-    def __getstate__(self):
-        state = super().__getstate__().copy()
-        state.pop("_track_z", None)
-        state.pop("_track_graph", None)
-        return state
 
 
 class FusedETCTrackEncoder(ETCTrackEncoder):

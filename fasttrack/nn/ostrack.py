@@ -35,11 +35,13 @@ import torch
 from torch import nn
 
 from fasttrack.nn.init import trunc_normal_
-from fasttrack.nn.ce import Scorer, active_ratio, ce_query_index, check_index, ctr_point_mask, index_range
-from fasttrack.nn.cuda_graph import GraphedStep, require_graph_inputs
+from fasttrack.nn.ce import (Scorer, active_ratio, ce_query_index, check_index, ctr_point_mask, index_range,
+                             official_repad)
+from fasttrack.nn.onestream import FusedOneStreamTracker, OneStreamTracker
 from fasttrack.nn.head import CenterPredictor, FusedCenterPredictor
 from fasttrack.nn._recognizers import forward_params, probe_like, register_recognizer
-from fasttrack.nn.vit import Block, FusedBlock, _identity_like, block_dim, fused_vit_block, share_block_parts, vit_block_parts
+from fasttrack.nn.vit import (Block, FusedBlock, PatchEmbed, _identity_like, block_dim, fused_vit_block, init_vit_weights,
+                              share_block_parts, vit_block_parts)
 from fasttrack.ops import pad_scatter
 
 __all__ = ["CEBlock", "FusedCEBlock", "PatchEmbed", "VisionTransformerCE", "FusedVisionTransformerCE",
@@ -132,22 +134,6 @@ class FusedCEBlock(FusedBlock):
 # --------------------------------------------------------------------------------------------
 # Backbone
 # --------------------------------------------------------------------------------------------
-class PatchEmbed(nn.Module):
-    """OSTrack ``PatchEmbed``: a stride-``patch_size`` conv (``proj``), flattened to tokens."""
-
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
-        super().__init__()
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.patch_size = (patch_size, patch_size)
-        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.Identity()
-
-    def forward(self, x):
-        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
-
-
 def _ce_ratios(depth, ce_loc, ce_keep_ratio):
     ratios = [1.0] * depth
     if ce_loc is not None:
@@ -206,7 +192,7 @@ class VisionTransformerCE(nn.Module):
         self.pos_embed_x = nn.Parameter(torch.zeros(1, self.feat_sz_x ** 2, embed_dim))
         for p in (self.cls_token, self.pos_embed, self.pos_embed_z, self.pos_embed_x):
             trunc_normal_(p, std=0.02)
-        self.apply(_init_vit)
+        self.apply(init_vit_weights)
 
     def embed_template(self, z):
         """``patch_embed(z) + pos_embed_z`` ``[B, Lz, C]``: the search-independent part of the
@@ -246,17 +232,6 @@ class VisionTransformerCE(nn.Module):
                 removed.append(rem)
         return self.norm(tokens), gi_t, gi_s, removed, attn
 
-    def _repad(self, search, gi_s, removed, lens_x):
-        """The official recipe: append zeros, scatter [kept, removed] indices back in place. The
-        zero pad takes the tokens' dtype (OSTrack creates it in the default dtype, which turns a
-        bf16 / fp16 network's output into fp32 and breaks its head)."""
-        B, _, C = search.shape
-        removed_cat = torch.cat(removed, dim=1)
-        pad = search.new_zeros(B, lens_x - search.shape[1], C)
-        search = torch.cat([search, pad], dim=1)
-        index_all = torch.cat([gi_s, removed_cat], dim=1)
-        return torch.zeros_like(search).scatter_(1, index_all.unsqueeze(-1).expand(B, -1, C), search)
-
     def forward(self, z, x, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False, z_tokens=None):
         """``z_tokens`` (fasttrack extension): an `embed_template` result used instead of ``z``."""
         # return_last_attn is accepted and ignored, as in OSTrack
@@ -265,7 +240,7 @@ class VisionTransformerCE(nn.Module):
         lens_z, lens_x = gi_t.shape[1], self.pos_embed_x.shape[1]
         zt, xs = tokens[:, :lens_z], tokens[:, lens_z:]
         if removed and removed[0] is not None:
-            xs = self._repad(xs, gi_s, [r for r in removed if r is not None], lens_x)
+            xs = official_repad(xs, gi_s, [r for r in removed if r is not None], lens_x)
         return torch.cat([zt, xs], dim=1), {"attn": attn, "removed_indexes_s": removed}
 
 
@@ -310,118 +285,16 @@ class FusedVisionTransformerCE(VisionTransformerCE):
         return torch.cat([zt, xs], dim=1), {"attn": attn, "removed_indexes_s": removed}
 
 
-def _init_vit(m):
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
 # --------------------------------------------------------------------------------------------
 # Full network
 # --------------------------------------------------------------------------------------------
-class OSTrack(nn.Module):
-    """OSTrack network (reference): ``backbone`` + CENTER ``box_head``.
-
-    forward(template, search, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False) ->
-    dict with ``pred_boxes [B, 1, 4]`` (cx, cy, w, h normalised), ``score_map``, ``size_map``,
-    ``offset_map``, ``attn``, ``removed_indexes_s``, ``backbone_feat`` — as the official forward.
-    """
-
-    def __init__(self, backbone: VisionTransformerCE, box_head: CenterPredictor):
-        super().__init__()
-        self.backbone = backbone
-        self.box_head = box_head
-        self.feat_sz_s = int(box_head.feat_sz)
-        self.feat_len_s = self.feat_sz_s ** 2
-        if backbone.feat_sz_x != self.feat_sz_s:
-            raise ValueError(f"`box_head.feat_sz` ({self.feat_sz_s}) must equal the search feature size "
-                             f"({backbone.feat_sz_x})")
-
-    # The reference head gets what the official forward_head gives it, a contiguous NCHW map (a
-    # strided view changes the convolution algorithm at B > 1: outputs off by ~3e-6); the fused head
-    # reads the tokens as a channels-last map, which its im2col GEMM wants anyway.
-    _head_channels_last = False
-
-    def forward_head(self, cat_feature, gt_score_map=None):
-        B = cat_feature.shape[0]
-        fs = self.feat_sz_s
-        enc = cat_feature[:, -self.feat_len_s:].transpose(1, 2)                 # [B, C, HW]
-        opt = enc.unflatten(2, (fs, fs)) if self._head_channels_last else enc.contiguous().view(B, -1, fs, fs)
-        score_map, bbox, size_map, offset_map = self.box_head(opt, gt_score_map)
-        return {"pred_boxes": bbox.view(B, 1, 4), "score_map": score_map, "size_map": size_map,
-                "offset_map": offset_map}
-
-    def forward(self, template, search, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False):
-        x, aux = self.backbone(template, search, ce_template_mask=ce_template_mask, ce_keep_rate=ce_keep_rate)
-        return self._finish(x, aux)
-
-    def _finish(self, x, aux):
-        out = self.forward_head(x)
-        out.update(aux)
-        out["backbone_feat"] = x
-        return out
-
-    def track(self, search, template=None, ce_template_mask=None, ce_keep_rate=None, cuda_graph=False):
-        """Opt-in per-frame API that reuses the template's work across frames.
-
-        Exactness: only the search-independent part is reused — the template's patch + positional
-        embedding. In a one-stream ViT the template tokens attend to the search tokens in every
-        block (and CE scores come from that joint attention), so no block output of the template
-        can be reused exactly. Give ``template`` on the first frame and whenever it changes;
-        ``None`` reuses the cached embedding, which holds the values computed with the weights of
-        that call (give the template again after changing weights). In eval mode the result equals
-        ``forward(last template, search, ...)`` exactly (the same ops on the same values); in
-        training mode ``pos_drop`` would draw new dropout masks, so this is an inference API.
-
-        ``ce_template_mask``: as `forward`, plus ``"ctr_point"`` — the official tracker's setting
-        (``CE_TEMPLATE_RANGE='CTR_POINT'``: the template centre scores the candidates) without a
-        mask tensor; the official tracker passes that mask, so use it to track as OSTrack does.
-        ``None`` scores with every template row (the network's default, not the tracker's).
-
-        ``cuda_graph=True`` (CUDA tensors only): the step after the template embedding runs as one
-        CUDA-graph replay per input shape (`fasttrack.nn.cuda_graph`; the outputs are the capture's
-        buffers, overwritten by the next call), with the same values as the eager step.
-        ``ce_template_mask`` must then be None, "ctr_point" or an int64 row index [B, R]: a bool
-        mask names its rows by value, which a graph cannot read.
-        """
-        if not hasattr(self.backbone, "embed_template"):
-            raise TypeError(f"track: the backbone ({type(self.backbone).__name__}) has no `embed_template`")
-        if cuda_graph:
-            require_graph_inputs(f"{type(self).__name__}.track", ce_template_mask, search=search, template=template)
-        if template is not None:
-            self._track_z = self.backbone.embed_template(template)
-        z = self.__dict__.get("_track_z")
-        if z is None:
-            raise ValueError("track: pass `template` on the first call")
-        if z.shape[0] != search.shape[0]:
-            raise ValueError(f"track: `search` has batch {search.shape[0]}, the cached template {z.shape[0]}")
-        if cuda_graph:
-            step = self.__dict__.get("_track_graph")
-            if step is None:
-                step = self.__dict__["_track_graph"] = GraphedStep(self._track_step,
-                                                                   name=f"{type(self).__name__}.track")
-            return step(search, z, ce_template_mask, ce_keep_rate)
-        return self._track_step(search, z, ce_template_mask, ce_keep_rate)
-
-    def _track_step(self, search, z, ce_template_mask, ce_keep_rate):
-        x, aux = self.backbone(None, search, ce_template_mask=ce_template_mask, ce_keep_rate=ce_keep_rate, z_tokens=z)
-        return self._finish(x, aux)
-
-    def __getstate__(self):
-        state = super().__getstate__().copy()
-        state.pop("_track_z", None)
-        state.pop("_track_graph", None)
-        return state
+class OSTrack(OneStreamTracker):
+    """OSTrack network (reference): `VisionTransformerCE` ``backbone`` + CENTER ``box_head``
+    (`fasttrack.nn.onestream.OneStreamTracker`: forward, forward_head, track)."""
 
 
-class FusedOSTrack(OSTrack):
+class FusedOSTrack(FusedOneStreamTracker, OSTrack):
     """`OSTrack` with the fused backbone and box head (same keys, forward and outputs)."""
-
-    _head_channels_last = True
 
     @classmethod
     def from_reference(cls, ref: OSTrack) -> "FusedOSTrack":

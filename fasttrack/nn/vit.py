@@ -27,10 +27,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasttrack.nn._recognizers import forward_params, is_linear, has_attrs, probe_like, register_recognizer
+from fasttrack.nn.init import trunc_normal_
 from fasttrack.nn.linear import FastLinear
 
-__all__ = ["DropPath", "Mlp", "Attention", "Block", "FusedMlp", "FusedAttention", "FusedBlock",
-           "linear_gelu", "linear_add", "sdpa_is_faster"]
+__all__ = ["PatchEmbed", "init_vit_weights", "DropPath", "Mlp", "Attention", "Block", "FusedMlp", "FusedAttention",
+           "FusedBlock", "linear_gelu", "linear_add", "sdpa_is_faster"]
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding and init (OSTrack-lineage ViTs)
+# --------------------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """OSTrack ``PatchEmbed``: a stride-``patch_size`` conv (``proj``), flattened to tokens."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.Identity()
+
+    def forward(self, x):
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+def init_vit_weights(m):
+    """timm / OSTrack ViT init (``module.apply``): truncated-normal(0.02) linears with zero bias, unit
+    LayerNorms."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 # --------------------------------------------------------------------------------------------
