@@ -24,6 +24,7 @@ from bench.bench_topk_select import _moved_bytes
 from fasttrack.ops.pad_scatter import random_index
 from fasttrack.ops.topk_select import SHAPES as TOPK_SHAPES
 from fasttrack.ops.topk_select import make_inputs
+from fasttrack.info import cpu_line
 
 B = 32
 TARGETS = {"topk_select": 0.5, "pad_scatter": 0.6, "gather_tokens": 0.6}
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("-k", default="", help="substring of 'op/case' to select")
     args = p.parse_args(argv)
+    print(cpu_line(), flush=True)
     print("| op | case (B=32) | GB/s | copy GB/s (same round) | fraction per round | median | target |")
     print("|---|---|---:|---:|---|---:|---:|")
     misses = 0

@@ -71,7 +71,9 @@ def measure_machine(device: str = "cpu") -> dict:
     except (OSError, StopIteration):
         pass
     from fasttrack.info import cpu_description
-    out = dict(cpu=cpu, cpu_isa=cpu_description()["isa"], cores=os.cpu_count(), threads=torch.get_num_threads(),
+    d = cpu_description()
+    out = dict(cpu=cpu, cpu_isa=d["isa"], cpu_family=d["family"], cpu_model=d["model_id"], cpu_uarch=d["uarch"],
+               cores=os.cpu_count(), threads=torch.get_num_threads(),
                torch=torch.__version__, python=platform.python_version(), bandwidth_gbs=bw / 1e9,
                cache_bandwidth_gbs=cache_bw / 1e9, llc_bytes=llc, gemm_gflops=gemm / 1e9,
                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None, device="cpu")
@@ -81,7 +83,9 @@ def measure_machine(device: str = "cpu") -> dict:
 
 
 def machine_line(machine: dict) -> str:
-    line = (f"Machine: {machine['cpu']} ({machine.get('cpu_isa', '?')}), {machine['cores']} cores, "
+    uarch = f", {machine['cpu_uarch']}" if machine.get("cpu_uarch") else ""
+    line = (f"Machine: {machine['cpu']} (family {machine.get('cpu_family')} model {machine.get('cpu_model')}{uarch}; "
+            f"vector ISA {machine.get('cpu_isa', '?')}), {machine['cores']} cores, "
             f"{machine['threads']} threads, torch {machine['torch']}; measured copy bandwidth "
             f"{machine['bandwidth_gbs']:.1f} GB/s (DRAM), {machine['cache_bandwidth_gbs']:.0f} GB/s (last-level cache, "
             f"{machine['llc_bytes'] >> 20} MiB), fp32 GEMM {machine['gemm_gflops']:.0f} GFLOP/s (oneDNN, packed weight).")

@@ -19,6 +19,7 @@ import torch
 
 from bench.bench_pruned_linear import LAYERS, make_layer
 from fasttrack import reference
+from fasttrack.info import cpu_line
 
 
 def _setup(d_out, ln, B, dtype):
@@ -42,6 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("-k", default="", help="substring of 'layer/B/dtype' to select")
     args = p.parse_args(argv)
+    print(cpu_line(), flush=True)
     print("| layer | B | dtype | module ms | anchor ms | module / anchor | (best of rounds) | eager / module | target |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---|")
     misses = 0

@@ -11,6 +11,8 @@ import argparse
 
 import torch
 
+from fasttrack.info import cpu_line
+
 SEGMENTS = ("linear", "attention", "selection", "merge", "scatter", "other")
 _KIND = {
     "linear": ("aten::addmm", "aten::mm", "aten::linear", "mkldnn::_linear_pointwise", "aten::mkldnn_linear",
@@ -69,6 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
     a = p.parse_args(argv)
+    print(cpu_line(), flush=True)
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)

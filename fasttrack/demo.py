@@ -17,6 +17,7 @@ import time
 import torch
 
 from fasttrack import zoo
+from fasttrack.info import cpu_line
 from fasttrack.testing import tolerance
 
 
@@ -91,6 +92,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, a.dtype)
     print(f"fasttrack demo: torch {torch.__version__}, {torch.get_num_threads()} threads, B={a.batch}, {a.dtype}",
           flush=True)
+    print(cpu_line(), flush=True)
     rows = []
     for fam in families:
         kw = {"checkpoint": a.checkpoint} if fam == "ostrack" and a.checkpoint else {}

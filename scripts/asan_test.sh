@@ -32,11 +32,14 @@ say "building with -fsanitize=address in $SRC (MAX_JOBS=$MAX_JOBS)"
   >"$VENV/build.log" 2>&1) || { tail -n 40 "$VENV/build.log"; say "build FAILED"; exit 1; }
 LIBASAN="$("${CXX:-c++}" -print-file-name=libasan.so)"
 [ -f "$LIBASAN" ] || { say "libasan.so not found (${CXX:-c++} -print-file-name)"; exit 1; }
-say "running the tests with LD_PRELOAD=$LIBASAN"
+# libstdc++ too: python does not link it, and ASan's __cxa_throw interceptor must find the real one
+# when it starts (else the first C++ exception a kernel throws aborts with "real___cxa_throw != 0")
+LIBSTDCXX="$("${CXX:-c++}" -print-file-name=libstdc++.so.6)"
+say "running the tests with LD_PRELOAD=$LIBASAN $LIBSTDCXX"
 cd "$SRC"
 # detect_leaks=0: CPython and torch keep allocations alive at exit by design
 export ASAN_OPTIONS="detect_leaks=0:verify_asan_link_order=0:abort_on_error=1:symbolize=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
-LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable \
+LD_PRELOAD="$LIBASAN $LIBSTDCXX" "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable \
   tests/test_topk_select.py tests/test_merge_tokens.py tests/test_pad_scatter.py tests/test_pruned_linear.py \
   tests/test_registry.py tests/test_output_cache.py tests/test_reliability.py tests/test_fuzz.py \
   -k "not triton" ${ARGS:-}

@@ -2,6 +2,7 @@
 One timed run per path; the speed it prints is not asserted (benchmarks show speed, tests never)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,3 +16,5 @@ def test_demo_runs_every_family_with_parity(tmp_path):
     rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
     assert len(rows) == 6
     assert all(row["parity_ok"] for row in rows), [(row["family"], row["feature_max_abs"]) for row in rows]
+    # the CPU model / family and the vector ISA in use head the output (results depend on them)
+    assert re.search(r"^CPU: .*family .*vector ISA in use", r.stdout, re.M), r.stdout[:2000]
