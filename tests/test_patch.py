@@ -12,23 +12,12 @@ from fasttrack.nn.ostrack import FusedCEBlock, ctr_point_mask
 from fasttrack.nn.utptrack import FusedUTPTrackSBlock
 from fasttrack.patch import patch_model, recognizers, register_recognizer
 from tests.tolerances import assert_close
+from tests.official_standins import DropPath  # timm's, by name and attribute
 
 
 # --------------------------------------------------------------------------------------------
 # OSTrack, as its repository builds it (timm-style pieces, float linspace indices), in plain torch.nn
 # --------------------------------------------------------------------------------------------
-class DropPath(nn.Module):  # timm's, by name and attribute
-    def __init__(self, drop_prob=0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        if not self.training or self.drop_prob == 0:
-            return x
-        keep = 1 - self.drop_prob
-        return x * x.new_empty(x.shape[0], 1, 1).bernoulli_(keep) / keep
-
-
 class TimmMlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
