@@ -3,7 +3,8 @@
 #   make test   - the test suite (+ every benchmark once, timing disabled)
 #   make bench  - the benchmarks, providers side by side (python -m bench)
 #   make peers  - fused fasttrack vs ONNX Runtime and OpenVINO on the exported networks (python -m bench peers)
-#   make lint   - ruff over the Python tree (ruff.toml)
+#   make lint   - ruff over the Python tree (ruff.toml), clang-format over csrc/ (.clang-format)
+#   make format - apply clang-format to csrc/
 #   make cmake-test       - csrc/ built by CMake against the venv's LibTorch, ctest, nvcc check of *.cu
 #   make check-cuda-build - the CUDA build in a second venv (.venv-cuda, several GB of downloads)
 #   make compat TORCH=2.11.0 TRITON=3.6.0 - build + suite against another torch/triton (scripts/compat.sh)
@@ -17,11 +18,12 @@ PIP := $(PY) -m pip
 # The CPU build of torch where there is no GPU (it lies on these machines' disk).
 TORCH_SPEC ?= torch==2.13.0
 DEPS := triton==3.9.0 ninja pybind11 numpy pytest pytest-benchmark expecttest matplotlib hypothesis \
-	onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 openvino==2026.4.1 ruff==0.17.5
+	onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 openvino==2026.4.1 ruff==0.17.5 \
+	clang-format==23.1.3
 # parallel compile jobs: every core (a CUDA build on a 16-core GPU machine takes ~1-1.5 min at full width)
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: all install build demo test bench peers lint check info aot clean cmake-test check-cuda-build gpu-check compat asan-test
+.PHONY: all install build demo test bench peers lint format check info aot clean cmake-test check-cuda-build gpu-check compat asan-test
 
 all: test
 
@@ -48,8 +50,14 @@ bench: build
 peers: build
 	$(PY) -m bench peers $(ARGS)
 
+CXX_SOURCES = $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/*/*.h)
+
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check fasttrack kernels bench tests scripts setup.py
+	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
+
+format: $(VENV)/.deps
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 check: build
 	$(PY) -m fasttrack.check $(ARGS)

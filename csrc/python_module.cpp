@@ -1,5 +1,5 @@
 // fasttrack._C as a Python extension module. Importing it loads this shared library, and with it the
-// op registrations of csrc/module.cpp and csrc/{cpu,cuda}/*.cpp. Kept apart so that CMake can build the
+// op registrations of csrc/library.cpp, csrc/<op>.cpp and csrc/{cpu,cuda}/*.cpp. Kept apart so that CMake can build the
 // same sources without Python (its C++ test loads the library with dlopen).
 //
 // `fasttrack._C.cpu.<op>`: the op's registered CPU kernel, called through the dispatcher's unboxed
@@ -65,20 +65,19 @@ PYBIND11_MODULE(_C, m) {
   m.def("content_stamp", &fasttrack::content_stamp,
         "A 64-bit stamp of a CPU tensor's content (a stripe of its elements: every row and every column)");
   auto cpu = m.def_submodule("cpu", "Registered CPU kernels, called without the boxed Python dispatch");
-  CpuKernel<Selection(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                      const OptTensor&, int64_t, int64_t, double)>::def(cpu, "topk_select");
-  CpuKernel<Selection(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                      const OptTensor&, const OptTensor&, int64_t, int64_t, double, double)>::def(cpu,
-                                                                                                  "topk_select_qk");
+  CpuKernel<Selection(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                      int64_t, int64_t, double)>::def(cpu, "topk_select");
+  CpuKernel<Selection(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                      const OptTensor&, int64_t, int64_t, double, double)>::def(cpu, "topk_select_qk");
   CpuKernel<Tensor(const Tensor&, const Tensor&, c10::string_view, bool)>::def(cpu, "gather_tokens");
-  CpuKernel<Tensor(const Tensor&, const Tensor&, int64_t, c10::string_view, at::IntArrayRef, bool)>::def(
-      cpu, "pad_scatter");
+  CpuKernel<Tensor(const Tensor&, const Tensor&, int64_t, c10::string_view, at::IntArrayRef, bool)>::def(cpu,
+                                                                                                         "pad_scatter");
   CpuKernel<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
-                                                       const OptTensor&, double, c10::string_view)>::def(
-      cpu, "merge_tokens");
+                                                       const OptTensor&, double,
+                                                       c10::string_view)>::def(cpu, "merge_tokens");
   CpuKernel<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&)>::def(cpu, "cosine_argmax");
-  CpuKernel<Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                   const OptTensor&, double, bool)>::def(cpu, "pruned_linear");
+  CpuKernel<Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                   double, bool)>::def(cpu, "pruned_linear");
   CpuKernel<Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, double, bool)>::def(
       cpu, "_pruned_linear_gather");
 }

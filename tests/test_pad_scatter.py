@@ -101,7 +101,7 @@ def test_nchw_maps_with_channel_tails(hw, dtype, B, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_nchw_gather_either_side_of_the_group_rule(dtype, k, B, device):
     """The CPU gather from planes of 2- or 4-byte elements reads groups of G = 16 / elem positions
-    (AVX-512) when G·k >= N and assembles the kept lines otherwise (csrc/cpu/pad_scatter.cpp,
+    (AVX-512) when G·k >= N and assembles the kept lines otherwise (csrc/cpu/gather_planes_kernel.cpp,
     use_position_groups): at N = 256, k = 20 below the rule for both dtypes, k = 32 below it for fp32
     and on it for bf16, k = 64 on it for fp32, k = N (every group full); a cached map and a larger one
     (fp32: 19 MB, read with prefetches, output streamed from k = 60 up)."""

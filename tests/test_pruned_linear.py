@@ -207,7 +207,7 @@ def test_opcheck_gather_helper():
                                           (13, 13, "sorted"), (7, 3, "sorted"), (768, 1, "sorted"),
                                           (64, 8, "last")])
 def test_gather_phase_layouts(d_in, k, order, dtype):
-    """The gather phase's row paths (CPU dispatch rule in csrc/cpu/pruned_linear.cpp: ascending kept
+    """The gather phase's row paths (CPU dispatch rule in csrc/cpu/pruned_linear_kernel.cpp: ascending kept
     dims of a contiguous fp32/bf16 row take the AVX2 pack plan, anything else the per-element loop)
     against index_select: exact without LayerNorm (NaN payloads and infinities included), within
     the one-rounding tolerance with it; d_in with and without a remainder of 8, a plan whose last

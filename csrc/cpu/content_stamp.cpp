@@ -8,8 +8,8 @@
 namespace fasttrack {
 
 namespace {
-constexpr int64_t kStampAll = 4096;      // tensors up to this size are read whole (vectors, small weights)
-constexpr int64_t kStampSamples = 256;   // larger ones at this many evenly spread elements
+constexpr int64_t kStampAll = 4096;     // tensors up to this size are read whole (vectors, small weights)
+constexpr int64_t kStampSamples = 256;  // larger ones at this many evenly spread elements
 }  // namespace
 
 uint64_t content_stamp(const at::Tensor& t) {

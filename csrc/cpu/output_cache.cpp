@@ -19,8 +19,8 @@
 namespace fasttrack {
 namespace {
 
-constexpr size_t kMinBytes = size_t{256} << 10;  // below: small enough for glibc's heap to keep reusing
-constexpr size_t kHugePage = size_t{2} << 20;   // buffers of at least this are rounded to it, huge-page backed
+constexpr size_t kMinBytes = size_t{256} << 10;   // below: small enough for glibc's heap to keep reusing
+constexpr size_t kHugePage = size_t{2} << 20;     // buffers of at least this are rounded to it, huge-page backed
 constexpr size_t kSmallGrain = size_t{64} << 10;  // smaller ones are rounded to this
 
 size_t rounded_size(size_t n) {
@@ -60,9 +60,7 @@ class OutputCache final : public c10::Allocator {
     return {ptr, new Block{ptr, size}, &OutputCache::release, c10::Device(c10::DeviceType::CPU)};
   }
 
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
   int64_t clear() {
     std::lock_guard<std::mutex> lock(mutex_);

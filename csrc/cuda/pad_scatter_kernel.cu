@@ -1,5 +1,5 @@
 // CUDA kernels of fasttrack::gather_tokens / fasttrack::pad_scatter on raw pointers (no ATen/c10/torch:
-// this file compiles with plain nvcc; the binding is csrc/cuda/pad_scatter.cpp).
+// this file compiles with plain nvcc; the binding is csrc/cuda/pad_scatter_binding.cpp).
 //
 // One kernel family, the "row map" of fasttrack/pad_scatter.h: output token row r of batch b is source
 // row src_of[r], or zeros. A block owns one (batch, output-token tile) and first builds src_of for its
@@ -25,10 +25,10 @@ namespace fasttrack {
 namespace pad_scatter {
 namespace {
 
-constexpr int kRowsPerBlock = 4;   // tokens layout: output rows per block (C=768 fp32: 768 16-byte units)
+constexpr int kRowsPerBlock = 4;  // tokens layout: output rows per block (C=768 fp32: 768 16-byte units)
 constexpr int kRowThreads = 128;
-constexpr int kTileT = 32;         // nchw: tokens per block (one 32-wide coalesced run per channel)
-constexpr int kTileC = 32;         // nchw: channels per shared-memory step
+constexpr int kTileT = 32;  // nchw: tokens per block (one 32-wide coalesced run per channel)
+constexpr int kTileC = 32;  // nchw: channels per shared-memory step
 constexpr int kTileThreads = 256;
 
 struct Args {
@@ -37,7 +37,7 @@ struct Args {
   const int64_t* index;  // [batch, k]
   int32_t* error;        // nullable
   int64_t k, length, channels, out_rows, src_rows;
-  int64_t tiles;         // output tiles per batch
+  int64_t tiles;  // output tiles per batch
 };
 
 __device__ __forceinline__ void report(int32_t* error, int32_t bits) {

@@ -25,20 +25,20 @@ namespace {
 
 // The ops of issue 2, which must all be there; any other public fasttrack op that the library
 // defines is checked for a CPU kernel too.
-const std::vector<std::string> kOps = {"topk_select",   "topk_select_qk", "gather_tokens",
-                                       "pad_scatter",   "merge_tokens",   "pruned_linear"};
+const std::vector<std::string> kOps = {"topk_select", "topk_select_qk", "gather_tokens",
+                                       "pad_scatter", "merge_tokens",   "pruned_linear"};
 
 struct Failure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-#define EXPECT(cond, msg)                                                              \
-  do {                                                                                 \
-    if (!(cond)) {                                                                     \
-      std::ostringstream os_;                                                          \
-      os_ << __FILE__ << ":" << __LINE__ << ": " << #cond << " failed: " << msg;       \
-      throw Failure(os_.str());                                                        \
-    }                                                                                  \
+#define EXPECT(cond, msg)                                                        \
+  do {                                                                           \
+    if (!(cond)) {                                                               \
+      std::ostringstream os_;                                                    \
+      os_ << __FILE__ << ":" << __LINE__ << ": " << #cond << " failed: " << msg; \
+      throw Failure(os_.str());                                                  \
+    }                                                                            \
   } while (0)
 
 c10::OperatorHandle find_op(const std::string& name) {
@@ -81,8 +81,7 @@ void roundtrip(int64_t B, int64_t k, int64_t C, int64_t H, int64_t W, at::Scalar
   const std::string layout = nchw ? "nchw" : "tokens";
   const auto out = pad_scatter(kept, index, L, layout, nchw ? std::vector<int64_t>{H, W} : std::vector<int64_t>{});
   const std::string what = "pad_scatter(" + layout + ", B=" + std::to_string(B) + ", k=" + std::to_string(k) +
-                           ", L=" + std::to_string(L) + ", C=" + std::to_string(C) + ", " +
-                           c10::toString(dtype) + ")";
+                           ", L=" + std::to_string(L) + ", C=" + std::to_string(C) + ", " + c10::toString(dtype) + ")";
   const std::vector<int64_t> want_shape = nchw ? std::vector<int64_t>{B, C, H, W} : std::vector<int64_t>{B, L, C};
   EXPECT(out.sizes().vec() == want_shape, what << ": shape " << out.sizes());
   EXPECT(out.scalar_type() == dtype, what << ": dtype " << out.scalar_type());
@@ -133,7 +132,7 @@ void test_registry() {
 
 void test_roundtrip_tokens() {
   for (auto dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
-    roundtrip(2, 7, 5, 1, 13, dtype, false);  // odd, non-power-of-two
+    roundtrip(2, 7, 5, 1, 13, dtype, false);   // odd, non-power-of-two
     roundtrip(3, 13, 3, 1, 13, dtype, false);  // nothing removed
   }
   roundtrip(2, 180, 768, 16, 16, at::kFloat, false);  // OSTrack-256 search map, keep ratio 0.7
@@ -155,8 +154,10 @@ void test_bad_index() {
       const auto x_before = x.clone();
       bool threw = false;
       try {
-        if (std::string(op) == "pad_scatter") pad_scatter(kept, index, 5);
-        else gather_tokens(x, index);
+        if (std::string(op) == "pad_scatter")
+          pad_scatter(kept, index, 5);
+        else
+          gather_tokens(x, index);
       } catch (const Failure&) {
         throw;
       } catch (const c10::Error& e) {

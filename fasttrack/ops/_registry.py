@@ -1,7 +1,7 @@
 """The op registry: one `OpDef` per `fasttrack::` op, and the backend dispatch of every call.
 
 For each op this module wires, in one place:
-- the schema: defined in C++ by `fasttrack._C` (`csrc/cpu/<op>.cpp`), or — when `_C` is absent —
+- the schema: defined in C++ by `fasttrack._C` (`csrc/<op>.cpp`), or — when `_C` is absent —
   from Python with the same string, the reference as its CPU kernel;
 - the fake (meta) kernel and the autograd formula (Python, `torch.library`);
 - the CUDA kernel: a Triton launcher from `fasttrack.kernels` (registered here), or CUDA C++ from

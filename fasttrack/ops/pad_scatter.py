@@ -1,7 +1,9 @@
 """`gather_tokens` / `pad_scatter`: gather kept tokens, and zero-pad them back to the full token
 map (``[B, L, C]`` or ``[B, C, H, W]``). Each is the other's backward. Semantics:
-`fasttrack.reference.gather_tokens` / `pad_scatter`. Kernels: C++ on CPU (`csrc/cpu/pad_scatter.cpp`),
-CUDA C++ on GPU (`csrc/cuda/`), sharing the index logic of `csrc/include/fasttrack/pad_scatter.h`.
+`fasttrack.reference.gather_tokens` / `pad_scatter`. Kernels: C++ on CPU
+(`csrc/cpu/pad_scatter_kernel.cpp`, `gather_planes_kernel.cpp`), CUDA C++ on GPU (`csrc/cuda/`),
+sharing the argument checks of `csrc/pad_scatter.cpp` and the index logic of
+`csrc/include/fasttrack/pad_scatter.h`.
 
 Index checks (`check_index`):
 - CPU: every row is checked for range and duplicates before anything is written, whatever

@@ -95,7 +95,7 @@ def _gather_backward(ctx, grad):
 
 
 if _extension.loaded:
-    # Phase 1 of the CPU kernel alone (csrc/cpu/pruned_linear.cpp): `fasttrack.nn.PrunedLinear`
+    # Phase 1 of the CPU kernel alone (csrc/cpu/pruned_linear_kernel.cpp): `fasttrack.nn.PrunedLinear`
     # feeds it to its cached pre-packed oneDNN weight on the inference path. Its autograd formula
     # raises, so a backward through it can never be silently wrong.
     torch.library.register_fake("fasttrack::_pruned_linear_gather")(_fake_gather)

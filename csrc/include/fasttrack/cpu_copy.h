@@ -1,4 +1,4 @@
-// Row copies for the CPU kernels (host only), and the ISA flags of their run-time dispatch.
+// Row copies for the CPU kernels (host only).
 //
 // Token rows are a few KB: glibc's memcpy takes its `rep movsb` path there, which on this project's
 // AMD machine ran up to half the speed of plain 32-byte vector moves (256 rows of 3 KB on one core,
@@ -9,12 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "fasttrack/cpu_isa.h"
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#define FT_HAVE_AVX2_PATH 1
-#endif
+#include "fasttrack/cpu_isa.h"  // FT_HAVE_AVX2_PATH, kHasAvx2
 
 namespace fasttrack {
 
@@ -24,9 +19,6 @@ namespace fasttrack {
 constexpr size_t kStreamBytes = size_t{16} << 20;
 
 #if defined(FT_HAVE_AVX2_PATH)
-inline const bool kHasAvx2 = cpu_isa() >= CpuIsa::avx2;  // with FMA
-inline const bool kHasAvx512 = cpu_isa() >= CpuIsa::avx512;
-
 // d must be 32-byte aligned.
 __attribute__((target("avx2"))) inline void stream_bytes_avx2(char* d, const char* s, size_t n) {
   size_t i = 0;
@@ -39,8 +31,7 @@ __attribute__((target("avx2"))) inline void stream_bytes_avx2(char* d, const cha
 __attribute__((target("avx2"))) inline void copy_bytes_avx2(char* d, const char* s, size_t n) {
   size_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
   }
   if (i < n) std::memcpy(d + i, s + i, n - i);
 }

@@ -9,6 +9,12 @@
 
 #include <string>
 
+// The x86 fast paths (target attributes, intrinsics) exist only on GCC/Clang x86-64 builds.
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define FT_HAVE_AVX2_PATH 1
+#endif
+
 namespace fasttrack {
 
 enum class CpuIsa { baseline = 0, avx2 = 1, avx512 = 2 };  // avx2: AVX2 + FMA; avx512: AVX-512 F + BW
@@ -34,5 +40,11 @@ inline const char* cpu_isa_name() {
     default: return "baseline";
   }
 }
+
+#if defined(FT_HAVE_AVX2_PATH)
+// The run-time dispatch flags of the CPU kernels (read once, at load).
+inline const bool kHasAvx2 = cpu_isa() >= CpuIsa::avx2;  // with FMA
+inline const bool kHasAvx512 = cpu_isa() >= CpuIsa::avx512;
+#endif
 
 }  // namespace fasttrack

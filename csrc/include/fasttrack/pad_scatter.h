@@ -1,7 +1,8 @@
 // Index logic of fasttrack::gather_tokens / fasttrack::pad_scatter, shared by the CPU kernel
-// (csrc/cpu/pad_scatter.cpp) and the CUDA kernel (csrc/cuda/pad_scatter_kernel.cu), so the CPU
-// tests exercise the arithmetic the GPU runs. Plain C++: no ATen/c10/torch, no CUDA headers in the
-// device part (the .cu must compile with plain nvcc).
+// (csrc/cpu/pad_scatter_kernel.cpp) and the CUDA kernel (csrc/cuda/pad_scatter_kernel.cu), so the
+// CPU tests exercise the arithmetic the GPU runs. Plain C++: no ATen/c10/torch, no CUDA headers in
+// the device part (the .cu must compile with plain nvcc). The ATen-side declarations (argument
+// checks, CPU kernel pieces) are at the end, outside what nvcc sees.
 //
 // Both ops are one operation, "row map": output token row r is source token row src_of(r), or a row
 // of zeros when src_of(r) == kEmpty.
@@ -33,8 +34,7 @@ FT_HOST_DEVICE inline bool in_range(int64_t i, int64_t n) { return i >= 0 && i <
 
 // Element offset of (batch b, token t, channel c) in a map of T tokens and C channels:
 // [B, T, C] ("tokens") or [B, C, T] ("nchw", channel-major).
-FT_HOST_DEVICE inline int64_t elem_offset(bool channel_major, int64_t b, int64_t t, int64_t c, int64_t T,
-                                          int64_t C) {
+FT_HOST_DEVICE inline int64_t elem_offset(bool channel_major, int64_t b, int64_t t, int64_t c, int64_t T, int64_t C) {
   return channel_major ? (b * C + c) * T + t : (b * T + t) * C + c;
 }
 
@@ -93,6 +93,42 @@ namespace pad_scatter {
 // bad entries are still never written through). Returns the launch status.
 cudaError_t launch_cuda(const Problem& pb, const void* src, void* dst, const int64_t* index, int elem_size,
                         int32_t* error, cudaStream_t stream);
+}  // namespace pad_scatter
+}  // namespace fasttrack
+#endif
+
+#if !defined(__CUDACC__)
+#include <ATen/core/Tensor.h>
+
+#include <cstddef>
+
+namespace fasttrack {
+namespace pad_scatter {
+
+// csrc/pad_scatter.cpp: the metadata checks of both ops (CPU kernel and CUDA binding), and the CPU
+// check of every index row: inv gets [B, length] inverse maps (inv_per_row) or one reused row of
+// scratch; raises on the first bad entry, before anything is written.
+Problem check_gather_args(const at::Tensor& x, const at::Tensor& index, c10::string_view layout);
+Problem check_scatter_args(const at::Tensor& kept, const at::Tensor& index, int64_t length, c10::string_view layout,
+                           at::IntArrayRef hw);
+void check_rows(const char* op, const int64_t* index, int64_t B, int64_t k, int64_t length, int32_t* inv,
+                bool inv_per_row);
+
+// CPU kernel pieces shared by csrc/cpu/pad_scatter_kernel.cpp and csrc/cpu/gather_planes_kernel.cpp.
+constexpr int64_t kGrainBytes = 64 * 1024;  // below this per task, a thread switch costs more than it saves
+// nchw outputs above this are written with streaming stores: lower than the row copies' kStreamBytes
+// because the plane writes of a scatter land scattered over the whole map (B=32 OSTrack-256 bf16,
+// a 12.6 MB map: 1.3 ms with plain stores, 0.55 ms streaming); B=1 maps (< 2 MB) stay in cache.
+constexpr size_t kStreamPlanesBytes = size_t{4} << 20;
+
+// The gather from planes (csrc/cpu/gather_planes_kernel.cpp): dst [B, k, C] rows from src planes
+// (batch stride sb, channel stride sc, token stride 1). inv: the [B, N] inverse maps of `index` when
+// use_position_groups(sizeof(T), k, N), else nullptr. T: uint16_t, uint32_t or uint64_t (bytes).
+bool use_position_groups(int64_t elem_size, int64_t k, int64_t N);
+template <typename T>
+void planes_to_rows(const T* src, int64_t sb, int64_t sc, T* dst, const int64_t* index, const int32_t* inv, int64_t B,
+                    int64_t k, int64_t N, int64_t C);
+
 }  // namespace pad_scatter
 }  // namespace fasttrack
 #endif

@@ -1,5 +1,5 @@
-// Schema of fasttrack::merge_tokens and fasttrack::cosine_argmax (kept identical to
-// fasttrack/ops/merge_tokens.py; tests/test_registry.py compares them) and their native CPU kernels.
+// fasttrack::merge_tokens / fasttrack::cosine_argmax, CPU kernels (schema and argument checks:
+// csrc/merge_tokens.cpp).
 //
 // Contract: fasttrack/reference.py::merge_tokens / cosine_argmax. The CPU kernel works in the
 // "opmath" type (fp32 for fp16/bf16/fp32 inputs, as the spec; fp64 for fp64 inputs, so gradcheck's
@@ -15,20 +15,17 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <limits>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
 #include <fasttrack/cpu_isa.h>
+#include <fasttrack/merge_tokens.h>
 #include <fasttrack/output_cache.h>
 
-TORCH_LIBRARY_FRAGMENT(fasttrack, m) {
-  m.def("merge_tokens(Tensor z, Tensor? score, Tensor? proj, Tensor? metric, float keep_ratio, str reduce=\"sum\") -> (Tensor merged, Tensor target_index, Tensor source_index, Tensor assignment)");
-  m.def("cosine_argmax(Tensor src, Tensor dst) -> (Tensor max_similarity, Tensor argmax)");
-}
-
 namespace fasttrack {
+namespace merge_tokens {
 namespace {
 
 // Python's max(1, math.floor(r * n)) in the same double arithmetic, so K always agrees with Python.
@@ -59,14 +56,15 @@ inline __attribute__((always_inline)) void add_body(T* o, const T* y, int64_t n)
 }
 
 float dot_base(const float* x, const float* y, int64_t n) { return dot_body(x, y, n); }
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* x, const float* y, int64_t n) { return dot_body(x, y, n); }
+__attribute__((target("avx2,fma"))) float dot_avx2(const float* x, const float* y, int64_t n) {
+  return dot_body(x, y, n);
+}
 __attribute__((target("avx512f,fma"))) float dot_avx512(const float* x, const float* y, int64_t n) {
   return dot_body(x, y, n);
 }
 void add_base(float* o, const float* y, int64_t n) { add_body(o, y, n); }
 __attribute__((target("avx2,fma"))) void add_avx2(float* o, const float* y, int64_t n) { add_body(o, y, n); }
 __attribute__((target("avx512f,fma"))) void add_avx512(float* o, const float* y, int64_t n) { add_body(o, y, n); }
-
 
 double dot(const double* x, const double* y, int64_t n) { return dot_body(x, y, n); }
 float dot(const float* x, const float* y, int64_t n) {
@@ -103,7 +101,11 @@ void first_argmax(int64_t rows, int64_t cols, Value value, const T* row_scale, f
       if (!row_scale || !std::isnan(row_scale[r])) {
         for (int64_t k = 0; k < cols; ++k) {
           const T v = value(r, k);
-          if (v > m || (!found && v == m)) { m = v; idx = k; found = true; }
+          if (v > m || (!found && v == m)) {
+            m = v;
+            idx = k;
+            found = true;
+          }
         }
       }
       if (best) best[r] = found ? static_cast<float>(m * row_scale[r]) : std::numeric_limits<float>::quiet_NaN();
@@ -163,34 +165,11 @@ std::vector<at::Tensor> batched_row_dots(const at::Tensor& a, const at::Tensor& 
   return out;
 }
 
-bool is_floating(const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_tokens_cpu(
     const at::Tensor& z, const std::optional<at::Tensor>& score, const std::optional<at::Tensor>& proj,
     const std::optional<at::Tensor>& metric, double keep_ratio, c10::string_view reduce) {
-  // Metadata is checked in Python (fasttrack/ops/merge_tokens.py::check_args); these guard the raw
-  // pointer loops below when the op is called directly.
-  for (const at::Tensor* t : {&z, score ? &*score : nullptr, proj ? &*proj : nullptr, metric ? &*metric : nullptr}) {
-    TORCH_CHECK_TYPE(t == nullptr || is_floating(*t), "fasttrack.merge_tokens: `z`, `score`, `proj` and `metric` "
-                     "must be floating point, got ", t ? t->scalar_type() : at::kFloat);
-  }
-  TORCH_CHECK_VALUE(z.dim() == 3, "fasttrack.merge_tokens: `z` must be [B, N, C]");
+  check_merge_tokens_args(z, score, proj, metric, keep_ratio, reduce);
   const int64_t B = z.size(0), N = z.size(1), C = z.size(2);
-  TORCH_CHECK_VALUE(score.has_value() != proj.has_value(),
-                    "fasttrack.merge_tokens: give exactly one of `score` [B, N] and `proj` [C]");
-  TORCH_CHECK_VALUE(!score || (score->dim() == 2 && score->size(0) == B && score->size(1) == N),
-                    "fasttrack.merge_tokens: `score` must be [B, N]");
-  TORCH_CHECK_VALUE(!proj || (proj->dim() == 1 && proj->size(0) == C), "fasttrack.merge_tokens: `proj` must be [C]");
-  TORCH_CHECK_TYPE(!proj || proj->scalar_type() == z.scalar_type(), "fasttrack.merge_tokens: `proj` must have z's "
-                   "dtype (", z.scalar_type(), "), got ", proj ? proj->scalar_type() : z.scalar_type());
-  TORCH_CHECK_VALUE(!metric || (metric->dim() == 3 && metric->size(0) == B && metric->size(1) == N),
-                    "fasttrack.merge_tokens: `metric` must be [B, N, Cm]");
-  TORCH_CHECK_VALUE(keep_ratio > 0.0 && keep_ratio <= 1.0, "fasttrack.merge_tokens: `keep_ratio` must be in (0, 1]");
-  TORCH_CHECK_VALUE(reduce == "sum" || reduce == "mean", "fasttrack.merge_tokens: `reduce` must be sum or mean");
-  TORCH_CHECK_VALUE(N >= 1, "fasttrack.merge_tokens: `z` has no tokens");
 
   // The ATen calls below are this kernel's internals: its gradient is the op's registered formula.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -246,11 +225,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_tokens_cpu(
         std::vector<T> inv(N);  // 1/||metric row||, only for the columns the argmax reads
         at::parallel_for(0, all_columns ? N : K, std::max<int64_t>(1, 16384 / std::max<int64_t>(Cm, 1)),
                          [&](int64_t lo, int64_t hi) {
-          for (int64_t i = lo; i < hi; ++i) {
-            const int64_t row = all_columns ? i : tp[i];
-            inv[row] = inv_norm(dot(mb + row * Cm, mb + row * Cm, Cm));
-          }
-        });
+                           for (int64_t i = lo; i < hi; ++i) {
+                             const int64_t row = all_columns ? i : tp[i];
+                             inv[row] = inv_norm(dot(mb + row * Cm, mb + row * Cm, Cm));
+                           }
+                         });
         auto gather = [&](const int64_t* rows, int64_t R) {
           at::Tensor g = at::empty({R, Cm}, mf.options());
           T* gp = g.data_ptr<T>();
@@ -264,11 +243,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_tokens_cpu(
         std::vector<T> src_scale(S);
         for (int64_t r = 0; r < S; ++r) src_scale[r] = inv_norm(dot(mb + sp[r] * Cm, mb + sp[r] * Cm, Cm));
         if (all_columns) {
-          first_argmax<T>(S, K, [&](int64_t r, int64_t k) { return simp[r * ld + tp[k]] * inv[tp[k]]; },
-                          src_scale.data(), nullptr, ap);
+          first_argmax<T>(
+              S, K, [&](int64_t r, int64_t k) { return simp[r * ld + tp[k]] * inv[tp[k]]; }, src_scale.data(), nullptr,
+              ap);
         } else {
-          first_argmax<T>(S, K, [&](int64_t r, int64_t k) { return simp[r * ld + k] * inv[tp[k]]; },
-                          src_scale.data(), nullptr, ap);
+          first_argmax<T>(
+              S, K, [&](int64_t r, int64_t k) { return simp[r * ld + k] * inv[tp[k]]; }, src_scale.data(), nullptr, ap);
         }
       }
       // Sources grouped by target (a stable counting sort): each target then sums its own sources in
@@ -305,13 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_tokens_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_argmax_cpu(const at::Tensor& src, const at::Tensor& dst) {
-  TORCH_CHECK_TYPE(is_floating(src) && is_floating(dst), "fasttrack.cosine_argmax: `src` and `dst` must be "
-                   "floating point, got ", src.scalar_type(), " and ", dst.scalar_type());
-  TORCH_CHECK_VALUE(src.dim() == 3 && dst.dim() == 3 && src.size(0) == dst.size(0) && src.size(2) == dst.size(2),
-                    "fasttrack.cosine_argmax: `src` [B, S, Cm] and `dst` [B, T, Cm] must agree in B and Cm");
-  TORCH_CHECK_VALUE(dst.size(1) >= 1 || src.size(1) == 0, "fasttrack.cosine_argmax: `dst` has no rows");
-  TORCH_CHECK_TYPE(src.scalar_type() == dst.scalar_type(), "fasttrack.cosine_argmax: `dst` must have src's dtype (",
-                   src.scalar_type(), "), got ", dst.scalar_type());
+  check_cosine_argmax_args(src, dst);
   const int64_t B = src.size(0), S = src.size(1), T_ = dst.size(1), Cm = src.size(2);
   const auto acc = opmath(src.scalar_type());
   at::Tensor best = at::empty({B, S}, src.options().dtype(at::kFloat));
@@ -334,17 +308,18 @@ std::tuple<at::Tensor, at::Tensor> cosine_argmax_cpu(const at::Tensor& src, cons
     std::vector<const T*> simp(B);
     for (int64_t b = 0; b < B; ++b) simp[b] = sims[b].data_ptr<T>();
     const T* inv_d = inv.data() + ra;
-    first_argmax<T>(B * S, T_, [&](int64_t r, int64_t k) {
-      return simp[r / S][(r % S) * T_ + k] * inv_d[(r / S) * T_ + k];
-    }, inv.data(), best.data_ptr<float>(), arg.data_ptr<int64_t>());
+    first_argmax<T>(
+        B * S, T_, [&](int64_t r, int64_t k) { return simp[r / S][(r % S) * T_ + k] * inv_d[(r / S) * T_ + k]; },
+        inv.data(), best.data_ptr<float>(), arg.data_ptr<int64_t>());
   });
   return {best, arg};
 }
 
 }  // namespace
+}  // namespace merge_tokens
 }  // namespace fasttrack
 
 TORCH_LIBRARY_IMPL(fasttrack, CPU, m) {
-  m.impl("merge_tokens", &fasttrack::merge_tokens_cpu);
-  m.impl("cosine_argmax", &fasttrack::cosine_argmax_cpu);
+  m.impl("merge_tokens", &fasttrack::merge_tokens::merge_tokens_cpu);
+  m.impl("cosine_argmax", &fasttrack::merge_tokens::cosine_argmax_cpu);
 }

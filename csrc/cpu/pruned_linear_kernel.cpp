@@ -1,5 +1,5 @@
-// Schema of fasttrack::pruned_linear (kept identical to fasttrack/ops/pruned_linear.py;
-// tests/test_registry.py compares them) and the native CPU kernel.
+// fasttrack::pruned_linear / fasttrack::_pruned_linear_gather, CPU kernel (schema and argument
+// checks: csrc/pruned_linear.cpp).
 //
 // CPU kernel, two phases:
 //  1. one pass over x, parallel over rows: (LayerNorm statistics over all d_in, two-pass in the
@@ -14,9 +14,9 @@
 // Index validation (range, duplicates) runs before anything is read through `in_index`.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
 #include <c10/util/irange.h>
@@ -25,72 +25,20 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
-#include "fasttrack/cpu_copy.h"  // FT_HAVE_AVX2_PATH
+#include "fasttrack/cpu_isa.h"  // FT_HAVE_AVX2_PATH, kHasAvx2
+#include "fasttrack/cpu_simd.h"
 #include "fasttrack/output_cache.h"
+#include "fasttrack/pruned_linear.h"
 
 namespace fasttrack {
 namespace pruned_linear {
 namespace {
 
-constexpr const char* kOp = "pruned_linear";
 constexpr int64_t kGrainElems = 16 * 1024;  // x elements per task: below this a thread switch costs more
-
-void check_floating(const at::Tensor& t, const char* name) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
-                   "fasttrack.", kOp, ": `", name, "` must have dtype in (float32, float16, bfloat16, float64), got ",
-                   st);
-}
-
-void check_vector(const std::optional<at::Tensor>& t, const char* name, int64_t n, const at::Tensor& x) {
-  if (!t.has_value()) return;
-  check_floating(*t, name);
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == n, "fasttrack.", kOp, ": `", name, "` must have shape [", n,
-                    "], got ", t->sizes());
-  TORCH_CHECK_VALUE(t->device() == x.device(), "fasttrack.", kOp, ": `", name, "` must be on ", x.device(),
-                    " (like `x`), got ", t->device());
-}
-
-// Metadata of the gather phase (the Python wrapper runs the same checks first; these guard direct
-// torch.ops calls, since the kernel reads through in_index).
-void check_gather_args(const at::Tensor& x, const at::Tensor& in_index, const std::optional<at::Tensor>& ln_weight,
-                       const std::optional<at::Tensor>& ln_bias, bool normalize) {
-  check_floating(x, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "fasttrack.", kOp, ": `x` must have at least one dim [..., d_in]");
-  TORCH_CHECK_TYPE(in_index.scalar_type() == at::kLong, "fasttrack.", kOp, ": `in_index` must have dtype int64, got ",
-                   in_index.scalar_type());
-  TORCH_CHECK_VALUE(in_index.dim() == 1, "fasttrack.", kOp, ": `in_index` must have 1 dims, got shape ",
-                    in_index.sizes());
-  TORCH_CHECK_VALUE(in_index.device() == x.device(), "fasttrack.", kOp, ": `in_index` must be on ", x.device(),
-                    " (like `x`), got ", in_index.device());
-  TORCH_CHECK_VALUE((!ln_weight.has_value() && !ln_bias.has_value()) || normalize, "fasttrack.", kOp,
-                    ": `ln_weight`/`ln_bias` are given but normalize=False");
-  const int64_t d_in = x.size(-1);
-  check_vector(ln_weight, "ln_weight", d_in, x);
-  check_vector(ln_bias, "ln_bias", d_in, x);
-  for (const auto* t : {ln_weight ? &*ln_weight : nullptr, ln_bias ? &*ln_bias : nullptr}) {
-    TORCH_CHECK_TYPE(t == nullptr || t->scalar_type() == x.scalar_type(), "fasttrack.", kOp, ": `",
-                     t == (ln_weight ? &*ln_weight : nullptr) ? "ln_weight" : "ln_bias", "` must have x's dtype (",
-                     x.scalar_type(), "), got ", t ? t->scalar_type() : x.scalar_type());
-  }
-}
-
-// Range and distinctness of every kept index, before any read through it.
-void check_index_values(const int64_t* idx, int64_t k, int64_t d_in) {
-  std::vector<int64_t> first(d_in, -1);
-  for (const auto j : c10::irange(k)) {
-    const int64_t c = idx[j];
-    TORCH_CHECK_VALUE(c >= 0 && c < d_in, "fasttrack.", kOp, ": `in_index`[", j, "] = ", c,
-                      " is out of range [0, ", d_in, ")");
-    TORCH_CHECK_VALUE(first[c] < 0, "fasttrack.", kOp, ": `in_index`[", j, "] = ", c, " repeats `in_index`[",
-                      first[c], "]; kept dims must be distinct");
-    first[c] = j;
-  }
-}
 
 // A LayerNorm affine vector in acc_t at the dims idx[0..k), or at all k dims when idx is null.
 template <typename acc_t>
@@ -163,34 +111,15 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// 8 bf16 -> 8 fp32 (a 16-bit shift of the bits).
-__attribute__((target("avx2,fma"))) inline __m256 load_bf16x8(const uint16_t* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-
-// 8 fp32 -> 8 bf16, round to nearest even, NaN -> quiet NaN (as `narrow`).
-__attribute__((target("avx2,fma"))) inline void store_bf16x8(uint16_t* p, __m256 v) {
-  const __m256i b = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF)),
-                                         _mm256_set1_epi32(0x7F800000));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-  // pack the 8 low halves: packus works per 128-bit lane, so fix the lane order after
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0b1000);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
-
 // Sorted kept dims as a left-pack plan over 8-dim blocks of a row: block b holds `count[b]` kept
 // dims, which `perm[b]` moves to the low lanes, and they land at `start[b]` in the gathered row.
 // Writing 8 lanes at a time, each block's stray high lanes are overwritten by the next block's.
 // It needs in_index ascending (the kept order is the dims' order), which is how every pruning
 // utility here stores it; other orders take the per-element path.
 struct PackPlan {
-  int64_t blocks = 0;                 // full 8-dim blocks of d_in
+  int64_t blocks = 0;  // full 8-dim blocks of d_in
   std::vector<int32_t> perm, count, start;
-  std::vector<int64_t> tail_out;      // for the d_in % 8 last dims: their output column or -1
+  std::vector<int64_t> tail_out;  // for the d_in % 8 last dims: their output column or -1
 };
 
 inline bool ascending(const int64_t* idx, int64_t k) {
@@ -218,7 +147,7 @@ inline PackPlan pack_plan(const int64_t* idx, int64_t k, int64_t d_in) {
 
 __attribute__((target("avx2,fma"))) inline __m256 load_f32x8(const float* p) { return _mm256_loadu_ps(p); }
 __attribute__((target("avx2,fma"))) inline __m256 load_f32x8(const c10::BFloat16* p) {
-  return load_bf16x8(reinterpret_cast<const uint16_t*>(p));
+  return simd::load_bf16x8(reinterpret_cast<const uint16_t*>(p));
 }
 
 // One contiguous row: (LayerNorm with fp32 statistics, two passes in 8 lanes x 4 accumulators,
@@ -227,9 +156,8 @@ __attribute__((target("avx2,fma"))) inline __m256 load_f32x8(const c10::BFloat16
 // Measured for a 768 -> 540 row here: 130 ns per row for gathering with 8 scalar loads, 260 with
 // vgatherdps, 360 for the baseline x86-64 scalar loop; the pack plan needs none of those loads.
 template <typename T, bool kNorm>
-__attribute__((target("avx2,fma"))) void pack_row_avx2(const T* row, int64_t d_in, const PackPlan& plan,
-                                                     int64_t k, const float* gamma, const float* beta, float eps,
-                                                     T* o) {
+__attribute__((target("avx2,fma"))) void pack_row_avx2(const T* row, int64_t d_in, const PackPlan& plan, int64_t k,
+                                                       const float* gamma, const float* beta, float eps, T* o) {
   constexpr bool kF32 = std::is_same_v<T, float>;
   __m256 mv = _mm256_setzero_ps(), rv = mv;
   float mean = 0.f, rstd = 1.f;
@@ -275,7 +203,7 @@ __attribute__((target("avx2,fma"))) void pack_row_avx2(const T* row, int64_t d_i
       if constexpr (kF32) {
         _mm256_storeu_ps(dst, h);
       } else {
-        store_bf16x8(reinterpret_cast<uint16_t*>(dst), h);
+        simd::store_bf16x8(reinterpret_cast<uint16_t*>(dst), h);
       }
     } else if constexpr (kF32) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8 * b));
@@ -312,7 +240,8 @@ void gather_rows(const at::Tensor& x2, const int64_t* idx, int64_t k, bool norma
       at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; ++m) {
           if (normalize) {
-            pack_row_avx2<T, true>(x + m * sm, d_in, plan, k, gamma.data(), beta.data(), static_cast<float>(eps), out + m * k);
+            pack_row_avx2<T, true>(x + m * sm, d_in, plan, k, gamma.data(), beta.data(), static_cast<float>(eps),
+                                   out + m * k);
           } else {
             pack_row_avx2<T, false>(x + m * sm, d_in, plan, k, nullptr, nullptr, 0.f, out + m * k);
           }
@@ -352,10 +281,9 @@ void gather_rows(const at::Tensor& x2, const int64_t* idx, int64_t k, bool norma
 
 // oneDNN linear with a per-call weight reorder (float32; see the top of the file).
 at::Tensor onednn_linear(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  static const auto reorder =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mkldnn::_reorder_linear_weight", "")
-          .typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>();
+  static const auto reorder = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("mkldnn::_reorder_linear_weight", "")
+                                  .typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>();
   static const auto linear =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
@@ -366,8 +294,8 @@ at::Tensor onednn_linear(const at::Tensor& h, const at::Tensor& weight, const st
 }
 
 bool use_onednn(const at::Tensor& h) {
-  return h.scalar_type() == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() &&
-         h.size(0) > 0 && h.size(1) > 0;
+  return h.scalar_type() == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() && h.size(0) > 0 &&
+         h.size(1) > 0;
 }
 
 }  // namespace
@@ -381,8 +309,8 @@ at::Tensor gather_cpu(const at::Tensor& x, const at::Tensor& in_index_in, const 
   const int64_t* idx = in_index.const_data_ptr<int64_t>();
   check_index_values(idx, k, d_in);
   // a view unless x's leading dims cannot be merged (M counted, not -1: d_in may be 0)
-  const at::Tensor x2 = x.reshape({x.numel() == 0 ? c10::multiply_integers(x.sizes().slice(0, x.dim() - 1))
-                                                   : x.numel() / d_in, d_in});
+  const at::Tensor x2 =
+      x.reshape({x.numel() == 0 ? c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)) : x.numel() / d_in, d_in});
   at::Tensor out = empty_output({x2.size(0), k}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pruned_linear_gather", [&] {
@@ -395,34 +323,18 @@ at::Tensor gather_cpu(const at::Tensor& x, const at::Tensor& in_index_in, const 
 at::Tensor pruned_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& in_index, const std::optional<at::Tensor>& ln_weight,
                              const std::optional<at::Tensor>& ln_bias, double eps, bool normalize) {
-  check_floating(weight, "weight");
-  TORCH_CHECK_VALUE(weight.dim() == 2, "fasttrack.", kOp, ": `weight` must have 2 dims, got shape ", weight.sizes());
-  TORCH_CHECK_VALUE(in_index.dim() == 1 && weight.size(1) == in_index.size(0), "fasttrack.", kOp,
-                    ": `weight.shape[1]` (", weight.size(1), ") must equal len(in_index) (",
-                    in_index.dim() == 1 ? in_index.size(0) : -1, ")");
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "fasttrack.", kOp, ": `weight` must have x's dtype (",
-                   x.scalar_type(), "), got ", weight.scalar_type());
-  if (bias.has_value()) {
-    check_vector(bias, "bias", weight.size(0), x);
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "fasttrack.", kOp, ": `bias` must have x's dtype (",
-                     x.scalar_type(), "), got ", bias->scalar_type());
-  }
+  check_weight_args(x, weight, bias, in_index);
   const at::Tensor h = gather_cpu(x, in_index, ln_weight, ln_bias, eps, normalize);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = weight.size(0);
   // oneDNN refuses empty products: d_out = 0 (or no rows) is an empty result, k = 0 the bias alone
-  const at::Tensor out = use_onednn(h) && weight.size(0) > 0 ? onednn_linear(h, weight, bias)
-                                                              : at::linear(h, weight, bias);
+  const at::Tensor out =
+      use_onednn(h) && weight.size(0) > 0 ? onednn_linear(h, weight, bias) : at::linear(h, weight, bias);
   return out.view(shape);
 }
 
 }  // namespace pruned_linear
 }  // namespace fasttrack
-
-TORCH_LIBRARY_FRAGMENT(fasttrack, m) {
-  m.def("pruned_linear(Tensor x, Tensor weight, Tensor? bias, Tensor in_index, Tensor? ln_weight=None, Tensor? ln_bias=None, float eps=1e-05, bool normalize=False) -> Tensor");
-  m.def("_pruned_linear_gather(Tensor x, Tensor in_index, Tensor? ln_weight=None, Tensor? ln_bias=None, float eps=1e-05, bool normalize=False) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(fasttrack, CPU, m) {
   m.impl("pruned_linear", &fasttrack::pruned_linear::pruned_linear_cpu);

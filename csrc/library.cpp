@@ -1,5 +1,6 @@
-// The fasttrack library block. Each op's schema and CPU kernel live in csrc/cpu/<op>.cpp
-// (TORCH_LIBRARY_FRAGMENT), CUDA kernels in csrc/cuda/; loading the library registers them all.
+// The fasttrack library block. Each op family's schema and argument checks live in csrc/<op>.cpp
+// (TORCH_LIBRARY_FRAGMENT), its CPU kernel in csrc/cpu/<op>_kernel.cpp, CUDA kernels in csrc/cuda/;
+// loading the library registers them all.
 // No Python here: the module init of fasttrack._C is csrc/python_module.cpp, so CMake can build the
 // same sources into a plain shared library for the C++ tests.
 #include <torch/library.h>

@@ -1,5 +1,5 @@
-// Schema of fasttrack::topk_select, fasttrack::topk_select_qk (kept identical to fasttrack/ops/topk_select.py;
-// tests/test_registry.py compares them) and the native CPU kernel.
+// fasttrack::topk_select / fasttrack::topk_select_qk, CPU kernel (schema and argument checks:
+// csrc/topk_select.cpp).
 //
 // Semantics: fasttrack/reference.py::topk_select. The scores are reduced in the reference's order
 // (per head: sum over rows, / R; then sum over heads, / H; + bonus), all in float32, so inputs whose
@@ -19,92 +19,16 @@
 #include <vector>
 
 #include <fasttrack/cpu_copy.h>
+#include <fasttrack/cpu_simd.h>
 #include <fasttrack/output_cache.h>
-
-TORCH_LIBRARY_FRAGMENT(fasttrack, m) {
-  m.def("topk_select(Tensor attn, Tensor x, Tensor query_index, Tensor? query_weight, Tensor? bonus, Tensor? global_index, int start, int length, float keep_ratio) -> (Tensor tokens, Tensor keep_index, Tensor removed_index, Tensor keep_global, Tensor removed_global)");
-  m.def("topk_select_qk(Tensor q, Tensor k, Tensor x, Tensor query_index, Tensor? query_weight, Tensor? bonus, Tensor? global_index, int start, int length, float keep_ratio, float scale) -> (Tensor tokens, Tensor keep_index, Tensor removed_index, Tensor keep_global, Tensor removed_global)");
-}
+#include <fasttrack/topk_select.h>
 
 namespace fasttrack {
+namespace topk_select {
 namespace {
 
 using at::Tensor;
 using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-bool is_floating(const Tensor& t) {
-  auto s = t.scalar_type();
-  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
-}
-
-// The op can be called through torch.ops without the Python wrapper's checks, so every check that
-// keeps the kernel from reading or writing out of bounds is repeated here.
-struct Problem {
-  const char* op;
-  int64_t B, N, C, R, start, L, K;
-  Tensor x, query_index, query_weight, bonus, global_index;  // contiguous; weight/bonus float32
-};
-
-Problem check_common(const char* op, const Tensor& x, const Tensor& query_index,
-                     const std::optional<Tensor>& query_weight, const std::optional<Tensor>& bonus,
-                     const std::optional<Tensor>& global_index, int64_t start, int64_t length,
-                     double keep_ratio, int64_t B, int64_t N, at::Device dev) {
-  Problem p;
-  p.op = op;
-  TORCH_CHECK_VALUE(is_floating(x) && x.dim() == 3 && x.size(0) == B && x.size(1) == N, op,
-                    ": `x` must be a floating [B=", B, ", N=", N, ", C] tensor, got ", x.scalar_type(), " ",
-                    x.sizes());
-  TORCH_CHECK_VALUE(x.device() == dev, op, ": `x` must be on ", dev, ", got ", x.device());
-  TORCH_CHECK_VALUE(query_index.dim() == 2 && query_index.size(0) == B && query_index.size(1) >= 1 &&
-                        query_index.scalar_type() == at::kLong && query_index.device() == dev,
-                    op, ": `query_index` must be an int64 [B=", B, ", R>=1] tensor on ", dev, ", got ",
-                    query_index.scalar_type(), " ", query_index.sizes());
-  p.B = B;
-  p.N = N;
-  p.C = x.size(2);
-  p.R = query_index.size(1);
-  // compared without adding: start + length could wrap for start near 2^63
-  TORCH_CHECK_VALUE(start >= 0 && length >= 1 && length <= N && start <= N - length, op,
-                    ": need start >= 0, length >= 1 and `start + length` <= N=", N, ", got start=", start,
-                    ", length=", length);
-  TORCH_CHECK_VALUE(keep_ratio > 0.0 && keep_ratio <= 1.0, op, ": `keep_ratio` must be in (0, 1], got ",
-                    keep_ratio);
-  p.start = start;
-  p.L = length;
-  // ceil in double precision, as reference.keep_count (OSTrack's math.ceil)
-  p.K = static_cast<int64_t>(std::ceil(keep_ratio * static_cast<double>(length)));
-  p.x = x.contiguous();
-  p.query_index = query_index.contiguous();
-  const int64_t* qi = p.query_index.data_ptr<int64_t>();
-  for (const auto i : c10::irange(B * p.R)) {
-    TORCH_CHECK_VALUE(qi[i] >= 0 && qi[i] < N, op, ": `query_index` values must be in [0, N=", N, "), got ",
-                      qi[i], " at [", i / p.R, ", ", i % p.R, "]");
-  }
-  if (query_weight.has_value()) {
-    const Tensor& w = *query_weight;
-    TORCH_CHECK_VALUE(is_floating(w) && w.dim() == 2 && w.size(0) == B && w.size(1) == p.R && w.device() == dev,
-                      op, ": `query_weight` must be a floating [B=", B, ", R=", p.R, "] tensor on ", dev,
-                      ", got ", w.scalar_type(), " ", w.sizes());
-    p.query_weight = w.to(at::kFloat).contiguous();
-  }
-  if (bonus.has_value()) {
-    const Tensor& bo = *bonus;
-    TORCH_CHECK_VALUE(is_floating(bo) && bo.dim() == 2 && bo.size(0) == B && bo.size(1) == length &&
-                          bo.device() == dev,
-                      op, ": `bonus` must be a floating [B=", B, ", L=", length, "] tensor on ", dev, ", got ",
-                      bo.scalar_type(), " ", bo.sizes());
-    p.bonus = bo.to(at::kFloat).contiguous();
-  }
-  if (global_index.has_value()) {
-    const Tensor& g = *global_index;
-    TORCH_CHECK_VALUE(g.scalar_type() == at::kLong && g.dim() == 2 && g.size(0) == B && g.size(1) == length &&
-                          g.device() == dev,
-                      op, ": `global_index` must be an int64 [B=", B, ", L=", length, "] tensor on ", dev,
-                      ", got ", g.scalar_type(), " ", g.sizes());
-    p.global_index = g.contiguous();
-  }
-  return p;
-}
 
 // Ascending order of the key = descending score, then ascending index. Every NaN ranks first and
 // -0 ties with +0, as in torch.sort(descending=True, stable=True), which the reference uses.
@@ -147,17 +71,16 @@ template <typename T>
 __attribute__((target("avx2"))) inline __m256 load8_as_float(const T* a) {
   if constexpr (std::is_same_v<T, float>) {
     return _mm256_loadu_ps(a);
-  } else {  // bfloat16: the high half of a float
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    return simd::load_bf16x8(reinterpret_cast<const uint16_t*>(a));
   }
 }
 
 // Four rows at once: head[j] = (((head[j] + a0[j]) + a1[j]) + a2[j]) + a3[j], the same additions in
 // the same order as four single-row calls, with head kept in a register between them.
 template <typename T>
-__attribute__((target("avx2"))) void accumulate_rows4_avx2(float* __restrict__ head, const T* const* a,
-                                                           const float* w, int64_t n) {
+__attribute__((target("avx2"))) void accumulate_rows4_avx2(float* __restrict__ head, const T* const* a, const float* w,
+                                                           int64_t n) {
   int64_t j = 0;
   if (w == nullptr) {
     for (; j + 8 <= n; j += 8) {
@@ -326,13 +249,9 @@ Outputs select_and_gather(const Problem& p, int64_t column_cost, ScoreFn score_c
 
 Outputs topk_select_cpu(const Tensor& attn, const Tensor& x, const Tensor& query_index,
                         const std::optional<Tensor>& query_weight, const std::optional<Tensor>& bonus,
-                        const std::optional<Tensor>& global_index, int64_t start, int64_t length,
-                        double keep_ratio) {
-  const char* op = "fasttrack.topk_select";
-  TORCH_CHECK_VALUE(is_floating(attn) && attn.dim() == 4 && attn.size(2) == attn.size(3), op,
-                    ": `attn` must be a floating [B, H, N, N] tensor, got ", attn.scalar_type(), " ", attn.sizes());
-  const Problem p = check_common(op, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio,
-                                 attn.size(0), attn.size(2), attn.device());
+                        const std::optional<Tensor>& global_index, int64_t start, int64_t length, double keep_ratio) {
+  const Problem p =
+      check_topk_select_args(attn, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio);
   // Only R·L elements per head are read, so strided batch/head/row dims cost nothing; a strided
   // last dim would defeat the vector loop, and is rare enough to pay one copy for.
   const Tensor a = attn.stride(3) == 1 ? attn : attn.contiguous();
@@ -343,8 +262,8 @@ Outputs topk_select_cpu(const Tensor& attn, const Tensor& x, const Tensor& query
     const scalar_t* base = a.data_ptr<scalar_t>() + start;
     out = select_and_gather(p, H * p.R, [&](int64_t b, int64_t l0, int64_t l1, float* score) {
       const int64_t* q = qi + b * p.R;
-      score_candidates<scalar_t>(p, b, H, [&](int64_t h, int64_t r) { return base + b * sb + h * sh + q[r] * sn; },
-                                 l0, l1, score);
+      score_candidates<scalar_t>(
+          p, b, H, [&](int64_t h, int64_t r) { return base + b * sb + h * sh + q[r] * sn; }, l0, l1, score);
     });
   });
   return out;
@@ -352,18 +271,10 @@ Outputs topk_select_cpu(const Tensor& attn, const Tensor& x, const Tensor& query
 
 Outputs topk_select_qk_cpu(const Tensor& q, const Tensor& k, const Tensor& x, const Tensor& query_index,
                            const std::optional<Tensor>& query_weight, const std::optional<Tensor>& bonus,
-                           const std::optional<Tensor>& global_index, int64_t start, int64_t length,
-                           double keep_ratio, double scale) {
-  const char* op = "fasttrack.topk_select_qk";
-  TORCH_CHECK_VALUE(is_floating(q) && q.dim() == 4, op, ": `q` must be a floating [B, H, N, D] tensor, got ",
-                    q.scalar_type(), " ", q.sizes());
-  TORCH_CHECK_VALUE(is_floating(k) && k.sizes() == q.sizes() && k.device() == q.device(), op,
-                    ": `k` must be a floating tensor of q's shape ", q.sizes(), ", got ", k.scalar_type(), " ",
-                    k.sizes());
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), op, ": `k` must have q's dtype (", q.scalar_type(), "), got ",
-                   k.scalar_type());
-  const Problem p = check_common(op, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio,
-                                 q.size(0), q.size(2), q.device());
+                           const std::optional<Tensor>& global_index, int64_t start, int64_t length, double keep_ratio,
+                           double scale) {
+  const Problem p =
+      check_topk_select_qk_args(q, k, x, query_index, query_weight, bonus, global_index, start, length, keep_ratio);
   const int64_t B = p.B, H = q.size(1), N = p.N, R = p.R;
   if (p.K == p.L) {  // the scores are not needed
     return select_and_gather(p, 0, [](int64_t, int64_t, int64_t, float*) {});
@@ -376,15 +287,16 @@ Outputs topk_select_qk_cpu(const Tensor& q, const Tensor& k, const Tensor& x, co
   const Tensor probs = at::softmax(logits, -1);  // [B, H, R, N], contiguous
   const float* base = probs.data_ptr<float>() + start;
   return select_and_gather(p, H * R, [&](int64_t b, int64_t l0, int64_t l1, float* score) {
-    score_candidates<float>(p, b, H, [&](int64_t h, int64_t r) { return base + ((b * H + h) * R + r) * N; },
-                            l0, l1, score);
+    score_candidates<float>(
+        p, b, H, [&](int64_t h, int64_t r) { return base + ((b * H + h) * R + r) * N; }, l0, l1, score);
   });
 }
 
 }  // namespace
+}  // namespace topk_select
 }  // namespace fasttrack
 
 TORCH_LIBRARY_IMPL(fasttrack, CPU, m) {
-  m.impl("topk_select", &fasttrack::topk_select_cpu);
-  m.impl("topk_select_qk", &fasttrack::topk_select_qk_cpu);
+  m.impl("topk_select", &fasttrack::topk_select::topk_select_cpu);
+  m.impl("topk_select_qk", &fasttrack::topk_select::topk_select_qk_cpu);
 }

@@ -1,5 +1,6 @@
 // CUDA binding of fasttrack::gather_tokens / fasttrack::pad_scatter (compiled only in a CUDA build):
-// argument checks shared with the CPU kernel, then one launch of csrc/cuda/pad_scatter_kernel.cu.
+// the argument checks of csrc/pad_scatter.cpp (shared with the CPU kernel), then one launch of
+// csrc/cuda/pad_scatter_kernel.cu.
 //
 // check_index=True costs one device synchronisation per call: the kernel ORs what it found wrong
 // with `index` (fasttrack/pad_scatter.h::IndexError) into a device word, read back here. With
@@ -17,15 +18,10 @@
 namespace fasttrack {
 namespace pad_scatter {
 
-// csrc/cpu/pad_scatter.cpp
-Problem check_gather_args(const at::Tensor& x, const at::Tensor& index, c10::string_view layout);
-Problem check_scatter_args(const at::Tensor& kept, const at::Tensor& index, int64_t length,
-                           c10::string_view layout, at::IntArrayRef hw);
-
 namespace {
 
-at::Tensor run(const char* op, const Problem& pb, const at::Tensor& src_in, const at::Tensor& index_in,
-               at::Tensor out, bool check_index) {
+at::Tensor run(const char* op, const Problem& pb, const at::Tensor& src_in, const at::Tensor& index_in, at::Tensor out,
+               bool check_index) {
   const c10::cuda::CUDAGuard guard(src_in.device());
   const at::Tensor src = src_in.contiguous();
   const at::Tensor index = index_in.contiguous();
@@ -45,15 +41,14 @@ at::Tensor run(const char* op, const Problem& pb, const at::Tensor& src_in, cons
   return out;
 }
 
-at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& index, c10::string_view layout,
-                              bool check_index) {
+at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& index, c10::string_view layout, bool check_index) {
   const Problem pb = check_gather_args(x, index, layout);
   at::Tensor out = at::empty({pb.batch, pb.k, pb.channels}, x.options());
   return run("gather_tokens", pb, x, index, out, check_index);
 }
 
-at::Tensor pad_scatter_cuda(const at::Tensor& kept, const at::Tensor& index, int64_t length,
-                            c10::string_view layout, at::IntArrayRef hw, bool check_index) {
+at::Tensor pad_scatter_cuda(const at::Tensor& kept, const at::Tensor& index, int64_t length, c10::string_view layout,
+                            at::IntArrayRef hw, bool check_index) {
   const Problem pb = check_scatter_args(kept, index, length, layout, hw);
   at::Tensor out = pb.nchw ? at::empty({pb.batch, pb.channels, hw[0], hw[1]}, kept.options())
                            : at::empty({pb.batch, pb.length, pb.channels}, kept.options());
