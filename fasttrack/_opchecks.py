@@ -131,7 +131,6 @@ def pruned_linear(x, weight, bias, in_index, ln_weight=None, ln_bias=None, eps=1
     op = "pruned_linear"
     v.floating(x, op, "x")
     v.check(x.dim() >= 1, op, "`x` must have at least one dim [..., d_in]")
-    d_in = x.shape[-1]
     v.floating(weight, op, "weight", ndim=2, device=x.device)
     # one GEMM dtype: the kernels multiply x's dtype by weight's (the reference upcasts both)
     if weight.dtype != x.dtype:
@@ -140,17 +139,35 @@ def pruned_linear(x, weight, bias, in_index, ln_weight=None, ln_bias=None, eps=1
     v.index(in_index, op, "in_index", ndim=1, device=x.device)
     if in_index.shape[0] != d_kept:
         v.fail(op, f"`weight.shape[1]` ({d_kept}) must equal len(in_index) ({in_index.shape[0]})")
-    if d_kept > d_in:
-        v.fail(op, f"`in_index` keeps {d_kept} dims but `x` has only d_in={d_in}")
+    _kept_dims(op, x, in_index)
     if bias is not None:
         v.floating(bias, op, "bias", device=x.device, shape=(d_out,))
         if bias.dtype != x.dtype:
             v.fail(op, f"`bias` must have x's dtype ({x.dtype}), got {bias.dtype}")
+    _layer_norm_args(op, x, ln_weight, ln_bias, normalize)
+
+
+def pruned_linear_gather(x, in_index, ln_weight=None, ln_bias=None, eps=1e-5, normalize=False):
+    """The internal op ``_pruned_linear_gather`` (phase 1 of pruned_linear)."""
+    op = "_pruned_linear_gather"
+    v.floating(x, op, "x")
+    v.check(x.dim() >= 1, op, "`x` must have at least one dim [..., d_in]")
+    v.index(in_index, op, "in_index", ndim=1, device=x.device)
+    _kept_dims(op, x, in_index)
+    _layer_norm_args(op, x, ln_weight, ln_bias, normalize)
+
+
+def _kept_dims(op, x, in_index):
+    if in_index.shape[0] > x.shape[-1]:
+        v.fail(op, f"`in_index` keeps {in_index.shape[0]} dims but `x` has only d_in={x.shape[-1]}")
+
+
+def _layer_norm_args(op, x, ln_weight, ln_bias, normalize):
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if t is not None:
             if not normalize:
                 v.fail(op, f"`{name}` is given but normalize=False")
-            v.floating(t, op, name, device=x.device, shape=(d_in,))
+            v.floating(t, op, name, device=x.device, shape=(x.shape[-1],))
             if t.dtype != x.dtype:
                 raise TypeError(f"fasttrack.{op}: `{name}` must have x's dtype ({x.dtype}), got {t.dtype}")
 
@@ -236,8 +253,8 @@ def values(name: str, *args) -> None:
                 v.fail(name, f"`index`[{b}, {j}] = {int(index[b, j])} is out of range [0, {n})")
             v.fail(name, f"`index`[{b}, {j}] = {int(index[b, j])} repeats `index`[{b}, {first}]; indices must be "
                          "distinct within a row")
-    elif name == "pruned_linear":
-        idx, d_in = args[3], args[0].shape[-1]
+    elif name in ("pruned_linear", "_pruned_linear_gather"):
+        idx, d_in = args[3 if name == "pruned_linear" else 1], args[0].shape[-1]
         if idx.numel():
             found = _first_bad_row_entry(idx[None], d_in)
             if found is not None:

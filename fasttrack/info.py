@@ -94,11 +94,11 @@ def report() -> str:
         lines.append(f"fasttrack._C: NOT loaded — {_extension.load_error}")
     lines.append(f"backend: {current_backend()}  (FASTTRACK_BACKEND=auto|native|triton|reference)")
     lines.append("")
-    lines.append(f"{'op':<16} {'CPU':<36} {'CUDA':<28} registered dispatch keys")
+    lines.append(f"{'op':<22} {'CPU':<36} {'CUDA':<28} registered dispatch keys")
     for name in REGISTRY:
         keys = [k for k in ("CPU", "CUDA", "Meta", "Autograd")
                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"fasttrack::{name}", k)]
-        lines.append(f"{name:<16} {serving_kernel(name, 'cpu'):<36} {serving_kernel(name, 'cuda'):<28} "
+        lines.append(f"{name:<22} {serving_kernel(name, 'cpu'):<36} {serving_kernel(name, 'cuda'):<28} "
                      f"{','.join(keys)}")
     return "\n".join(lines)
 

@@ -323,13 +323,24 @@ def pruned_linear(x, weight, bias, in_index, ln_weight=None, ln_bias=None, eps=1
     statistics are over all ``d_in`` features (affine ``ln_weight``/``ln_bias [d_in]``, optional)
     and only the kept features feed the product. Computed in float32 (float64 for float64 inputs), returned in x's dtype.
     """
+    h = _pruned_input(x, in_index, ln_weight, ln_bias, eps, normalize)
+    out = F.linear(h, _acc(weight), None if bias is None else _acc(bias))
+    return out.to(x.dtype)
+
+
+def _pruned_input(x, in_index, ln_weight, ln_bias, eps, normalize):
     h = _acc(x)
     if normalize:
         h = F.layer_norm(h, (x.shape[-1],), None if ln_weight is None else _acc(ln_weight),
                          None if ln_bias is None else _acc(ln_bias), eps)
-    h = h.index_select(-1, in_index)
-    out = F.linear(h, _acc(weight), None if bias is None else _acc(bias))
-    return out.to(x.dtype)
+    return h.index_select(-1, in_index)
+
+
+def pruned_linear_gather(x, in_index, ln_weight=None, ln_bias=None, eps=1e-5, normalize=False):
+    """Phase 1 of `pruned_linear` (the internal op ``_pruned_linear_gather``): ``LN?(x)`` at the kept
+    dims, ``[M, d_kept]`` in x's dtype, M = the product of x's leading dims."""
+    h = _pruned_input(x, in_index, ln_weight, ln_bias, eps, normalize)
+    return h.to(x.dtype).reshape(math.prod(x.shape[:-1]), in_index.shape[0])
 
 
 def masked_dense_linear(x, dense_weight, bias, mask):

@@ -93,6 +93,12 @@ assert REGISTRY, "no fasttrack op registered"
 failures = []
 for name, op in sorted(REGISTRY.items()):
     qual = f"fasttrack::{name}"
+    if op.cuda is None:  # a CPU-only internal op: it must not claim a CUDA kernel
+        if torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CUDA"):
+            failures.append(f"{qual}: CPU-only op (OpDef.cuda=None) has a CUDA kernel registered")
+        else:
+            print(f"  {qual:<28} CPU only")
+        continue
     want = "CUDA C++ (_C)" if op.cuda_cpp else f"Triton launcher {op.triton}"
     if not torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CUDA"):
         failures.append(f"{qual}: no CUDA kernel registered (expected {want})")

@@ -13,7 +13,7 @@ from fasttrack.ops._registry import REGISTRY, dispatch, serving_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_OPS = ["topk_select", "topk_select_qk", "gather_tokens", "pad_scatter", "merge_tokens", "cosine_argmax",
-           "pruned_linear"]
+           "pruned_linear", "_pruned_linear_gather"]
 
 
 def _python(code, **env):
@@ -44,7 +44,7 @@ def test_cpp_registers_a_cpu_kernel(name):
     assert serving_kernel(name, "cpu") == "native C++"
 
 
-@pytest.mark.parametrize("name", [n for n in ALL_OPS if n not in ("gather_tokens", "pad_scatter")])
+@pytest.mark.parametrize("name", [n for n in ALL_OPS if n not in ("gather_tokens", "pad_scatter", "_pruned_linear_gather")])
 def test_triton_ops_register_a_cuda_kernel(name):
     # the Triton launcher is the CUDA kernel; registering it needs no GPU
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fasttrack::{name}", "CUDA")
@@ -240,3 +240,35 @@ def test_every_op_runs_under_inference_mode(name):
             got = dispatch(name, *args)
         for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
             assert torch.equal(g, e)
+
+
+def test_opdef_takes_keywords_and_one_cuda_kernel_field():
+    from fasttrack.ops._registry import OpDef
+    with pytest.raises(TypeError):
+        OpDef("x", "() -> Tensor", lambda: None, lambda: None)
+    with pytest.raises(ValueError, match="`cuda` must be"):
+        OpDef(name="x", schema="() -> Tensor", fake=lambda: None, check=lambda: None, cuda="triton:topk_select")
+    assert REGISTRY["gather_tokens"].cuda_cpp and REGISTRY["gather_tokens"].triton is None
+    assert REGISTRY["pruned_linear"].triton == "pruned_linear:pruned_linear" and not REGISTRY["pruned_linear"].cuda_cpp
+    internal = REGISTRY["_pruned_linear_gather"]
+    assert internal.cuda is None and internal.triton is None and not internal.cuda_cpp
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("fasttrack::_pruned_linear_gather", "CUDA")
+    assert serving_kernel("_pruned_linear_gather", "cuda") == "none (CPU-only internal op)"
+
+
+@pytest.mark.skipif(not _extension.loaded, reason="PrunedLinear's packed path needs fasttrack._C")
+def test_pruned_linear_module_gathers_through_dispatch(monkeypatch):
+    """The internal op is a registered op like the others: PrunedLinear's packed path reaches it
+    through `dispatch` (the plain-CPU fast path to `fasttrack._C.cpu`), not a hand-made copy of it."""
+    from fasttrack.nn.pruned import PrunedLinear
+    op = REGISTRY["_pruned_linear_gather"]
+    calls = []
+    kernel = op.cpu_kernel
+    monkeypatch.setattr(op, "_cpu_kernel", lambda *a: calls.append(a) or kernel(*a))
+    lin = PrunedLinear(64, 32, torch.arange(0, 64, 2)).eval()
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert lin.uses_packed(x)
+        out = lin(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, fasttrack.reference.pruned_linear(x, lin.weight, lin.bias, lin.in_index))

@@ -301,13 +301,14 @@ bool use_onednn(const at::Tensor& h) {
 }  // namespace
 
 // Phase 1: [..., d_in] -> [M, d_kept] contiguous, x's dtype (M = prod of the leading dims).
-at::Tensor gather_cpu(const at::Tensor& x, const at::Tensor& in_index_in, const std::optional<at::Tensor>& ln_weight,
-                      const std::optional<at::Tensor>& ln_bias, double eps, bool normalize) {
-  check_gather_args(x, in_index_in, ln_weight, ln_bias, normalize);
+at::Tensor gather_impl(const char* op, const at::Tensor& x, const at::Tensor& in_index_in,
+                       const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, double eps,
+                       bool normalize) {
+  check_gather_args(op, x, in_index_in, ln_weight, ln_bias, normalize);
   const int64_t d_in = x.size(-1), k = in_index_in.size(0);
   const at::Tensor in_index = in_index_in.contiguous();
   const int64_t* idx = in_index.const_data_ptr<int64_t>();
-  check_index_values(idx, k, d_in);
+  check_index_values(op, idx, k, d_in);
   // a view unless x's leading dims cannot be merged (M counted, not -1: d_in may be 0)
   const at::Tensor x2 =
       x.reshape({x.numel() == 0 ? c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)) : x.numel() / d_in, d_in});
@@ -320,11 +321,16 @@ at::Tensor gather_cpu(const at::Tensor& x, const at::Tensor& in_index_in, const 
   return out;
 }
 
+at::Tensor gather_cpu(const at::Tensor& x, const at::Tensor& in_index, const std::optional<at::Tensor>& ln_weight,
+                      const std::optional<at::Tensor>& ln_bias, double eps, bool normalize) {
+  return gather_impl("_pruned_linear_gather", x, in_index, ln_weight, ln_bias, eps, normalize);
+}
+
 at::Tensor pruned_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& in_index, const std::optional<at::Tensor>& ln_weight,
                              const std::optional<at::Tensor>& ln_bias, double eps, bool normalize) {
   check_weight_args(x, weight, bias, in_index);
-  const at::Tensor h = gather_cpu(x, in_index, ln_weight, ln_bias, eps, normalize);
+  const at::Tensor h = gather_impl("pruned_linear", x, in_index, ln_weight, ln_bias, eps, normalize);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = weight.size(0);
   // oneDNN refuses empty products: d_out = 0 (or no rows) is an empty result, k = 0 the bias alone

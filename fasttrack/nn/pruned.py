@@ -128,7 +128,7 @@ class PrunedLinear(nn.Module):
         if (_extension.loaded and current_backend() in ("auto", "native") and _packable(x, weight, bias)
                 and (ln is None or not _grad_enabled() or not any(p is not None and p.requires_grad for p in ln[:2]))):
             ln_w, ln_b, eps = ln if ln is not None else (None, None, 1e-5)
-            return gather_kept(x, weight, bias, self.in_index, ln_w, ln_b, eps, ln is not None)
+            return gather_kept(x, self.in_index, ln_w, ln_b, eps, ln is not None)
         return None
 
     def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from typing import Callable
 
 import torch
@@ -32,19 +33,34 @@ class CheckCase:
     grad: tuple = ()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class OpDef:
-    name: str
+    name: str                         # the op's name; internal ops (`_name`) are not public wrappers
     schema: str                       # "(Tensor x, ...) -> Tensor", identical to the C++ m.def
     fake: Callable
     check: Callable                   # check(*schema_args): raises the documented message on bad metadata
     setup_context: Callable | None = None
     backward: Callable | None = None
-    triton: str | None = None         # "module:function" in fasttrack.kernels: the CUDA kernel
-    cuda_cpp: bool = False            # CUDA kernel comes from _C instead of Triton
+    # The CUDA kernel: "triton:<module>:<function>" (a launcher in fasttrack.kernels), "cpp" (CUDA C++
+    # in fasttrack._C), or None (a CPU-only internal op).
+    cuda: str | None = None
     cases: Callable | None = None     # cases(device, dtype) -> list[CheckCase] at tracker shapes
     _overload: object = dataclasses.field(default=None, repr=False, compare=False)
     _cpu_kernel: Callable | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not (self.cuda is None or self.cuda == "cpp" or re.fullmatch(r"triton:\w+:\w+", self.cuda)):
+            raise ValueError(f"OpDef {self.name}: `cuda` must be 'triton:<module>:<function>', 'cpp' or None, "
+                             f"got {self.cuda!r}")
+
+    @property
+    def triton(self) -> str | None:
+        """"<module>:<function>" of the Triton launcher in fasttrack.kernels, or None."""
+        return self.cuda[len("triton:"):] if self.cuda is not None and self.cuda.startswith("triton:") else None
+
+    @property
+    def cuda_cpp(self) -> bool:
+        return self.cuda == "cpp"
 
     @property
     def qualname(self) -> str:
@@ -52,7 +68,8 @@ class OpDef:
 
     @property
     def reference(self) -> Callable:
-        return getattr(reference, self.name)
+        """The spec: `fasttrack.reference.<name>` (an internal op `_name`: `reference.<name>`)."""
+        return getattr(reference, self.name.lstrip("_"))
 
     @property
     def packet(self):
@@ -98,7 +115,7 @@ def register(op: OpDef) -> OpDef:
     torch.library.register_fake(op.qualname)(op.fake)
     if op.backward is not None:
         torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup_context)
-    if op.triton is not None and not op.cuda_cpp:
+    if op.triton is not None:
         lib = torch.library.Library(NAMESPACE, "IMPL")
         lib.impl(op.name, _lazy_triton(op), "CUDA")
         _keepalive.append(lib)
@@ -222,7 +239,7 @@ def serving_kernel(name: str, device: str) -> str:
         return "native C++" if has_cpu else "none (_C has no CPU kernel)"
     if op.cuda_cpp:
         return "CUDA C++" if _extension.cuda_built() else "none (_C built without CUDA)"
-    return "triton" if op.triton is not None else "none"
+    return "triton" if op.triton is not None else "none (CPU-only internal op)"
 
 
 class _TritonOnCPU(torch.autograd.Function):

@@ -74,8 +74,9 @@ def _cases(device, dtype):
     return cases
 
 
-MERGE_TOKENS = register(OpDef("merge_tokens", SCHEMA, _fake, checks.merge_tokens, _setup_context, _backward,
-                              triton="merge_tokens:merge_tokens", cases=_cases))
+MERGE_TOKENS = register(OpDef(name="merge_tokens", schema=SCHEMA, fake=_fake, check=checks.merge_tokens,
+                              setup_context=_setup_context, backward=_backward,
+                              cuda="triton:merge_tokens:merge_tokens", cases=_cases))
 
 
 def _fake_argmax(src, dst):
@@ -90,8 +91,8 @@ def _cases_argmax(device, dtype):
     return [CheckCase("ToMe/N320C768", (a.to(device, dtype), b.to(device, dtype)))]
 
 
-COSINE_ARGMAX = register(OpDef("cosine_argmax", SCHEMA_ARGMAX, _fake_argmax, checks.cosine_argmax, triton="merge_tokens:cosine_argmax",
-                               cases=_cases_argmax))
+COSINE_ARGMAX = register(OpDef(name="cosine_argmax", schema=SCHEMA_ARGMAX, fake=_fake_argmax, check=checks.cosine_argmax,
+                               cuda="triton:merge_tokens:cosine_argmax", cases=_cases_argmax))
 
 
 def merge_tokens(z, keep_ratio, *, score=None, proj=None, metric=None, reduce="sum") -> Merged:

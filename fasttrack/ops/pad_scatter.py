@@ -99,10 +99,12 @@ def _cases(scatter):
     return cases
 
 
-GATHER_TOKENS = register(OpDef("gather_tokens", SCHEMA_GATHER, _fake_gather, checks.gather_tokens, _setup_gather, _backward_gather,
-                               cuda_cpp=True, cases=_cases(scatter=False)))
-PAD_SCATTER = register(OpDef("pad_scatter", SCHEMA_SCATTER, _fake_scatter, checks.pad_scatter, _setup_scatter, _backward_scatter,
-                             cuda_cpp=True, cases=_cases(scatter=True)))
+GATHER_TOKENS = register(OpDef(name="gather_tokens", schema=SCHEMA_GATHER, fake=_fake_gather, check=checks.gather_tokens,
+                               setup_context=_setup_gather, backward=_backward_gather, cuda="cpp",
+                               cases=_cases(scatter=False)))
+PAD_SCATTER = register(OpDef(name="pad_scatter", schema=SCHEMA_SCATTER, fake=_fake_scatter, check=checks.pad_scatter,
+                             setup_context=_setup_scatter, backward=_backward_scatter, cuda="cpp",
+                             cases=_cases(scatter=True)))
 
 
 def gather_tokens(x, index, layout="tokens", check_index=True):

@@ -6,12 +6,13 @@ import math
 
 import torch
 
-from fasttrack import _extension
 from fasttrack import _opchecks as checks
-from fasttrack.ops._registry import CheckCase, OpDef, _plain_cpu_inference, dispatch, register
+from fasttrack.ops._registry import CheckCase, OpDef, dispatch, register
 
 SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor in_index, Tensor? ln_weight=None, "
           "Tensor? ln_bias=None, float eps=1e-05, bool normalize=False) -> Tensor")
+SCHEMA_GATHER = ("(Tensor x, Tensor in_index, Tensor? ln_weight=None, Tensor? ln_bias=None, float eps=1e-05, "
+                 "bool normalize=False) -> Tensor")
 
 
 def _fake(x, weight, bias, in_index, ln_weight=None, ln_bias=None, eps=1e-5, normalize=False):
@@ -81,11 +82,13 @@ def _cases(device, dtype):
     return cases
 
 
-PRUNED_LINEAR = register(OpDef("pruned_linear", SCHEMA, _fake, checks.pruned_linear, _setup_context, _backward,
-                               triton="pruned_linear:pruned_linear", cases=_cases))
+PRUNED_LINEAR = register(OpDef(name="pruned_linear", schema=SCHEMA, fake=_fake, check=checks.pruned_linear,
+                               setup_context=_setup_context, backward=_backward,
+                               cuda="triton:pruned_linear:pruned_linear", cases=_cases))
 
 
 def _fake_gather(x, in_index, ln_weight=None, ln_bias=None, eps=1e-5, normalize=False):
+    checks.pruned_linear_gather(x, in_index, ln_weight, ln_bias, eps, normalize)
     return x.new_empty(math.prod(x.shape[:-1]), in_index.shape[0])
 
 
@@ -94,13 +97,18 @@ def _gather_backward(ctx, grad):
                        "gradient is needed); differentiate through fasttrack.pruned_linear instead")
 
 
-if _extension.loaded:
-    # Phase 1 of the CPU kernel alone (csrc/cpu/pruned_linear_kernel.cpp): `fasttrack.nn.PrunedLinear`
-    # feeds it to its cached pre-packed oneDNN weight on the inference path. Its autograd formula
-    # raises, so a backward through it can never be silently wrong.
-    torch.library.register_fake("fasttrack::_pruned_linear_gather")(_fake_gather)
-    torch.library.register_autograd("fasttrack::_pruned_linear_gather", _gather_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+def _cases_gather(device, dtype):
+    """pruned_linear's cases without the GEMM: the gather with and without its fused LayerNorm."""
+    return [CheckCase(c.name, (c.args[0], *c.args[3:])) for c in _cases(device, dtype)]
+
+
+# Phase 1 of the CPU kernel alone (csrc/cpu/pruned_linear_kernel.cpp): `fasttrack.nn.PrunedLinear`
+# feeds it to its cached pre-packed oneDNN weight on the inference path (`gather_kept`). CPU only,
+# and its autograd formula raises, so a backward through it can never be silently wrong.
+PRUNED_LINEAR_GATHER = register(OpDef(name="_pruned_linear_gather", schema=SCHEMA_GATHER, fake=_fake_gather,
+                                      check=checks.pruned_linear_gather,
+                                      setup_context=lambda ctx, inputs, output: None, backward=_gather_backward,
+                                      cuda=None, cases=_cases_gather))
 
 
 def pruned_linear(x, weight, bias, in_index, norm=None):
@@ -111,17 +119,7 @@ def pruned_linear(x, weight, bias, in_index, norm=None):
     return dispatch("pruned_linear", x, weight, bias, in_index, ln_w, ln_b, eps, norm is not None)
 
 
-def gather_kept(x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize):
+def gather_kept(x, in_index, ln_weight, ln_bias, eps, normalize):
     """Phase 1 of `pruned_linear` alone (``LN?(x)`` at the kept dims, ``[M, d_kept]``), for
-    `fasttrack.nn.PrunedLinear`'s inference path. Plain CPU calls go straight to the C++ kernel and
-    run `check_args` only if it raises, as `dispatch` does for the registered ops."""
-    args = (x, in_index, ln_weight, ln_bias, float(eps), normalize)
-    if _extension.loaded and _plain_cpu_inference(args):
-        from fasttrack import _C
-        try:
-            return _C.cpu._pruned_linear_gather(*args)
-        except Exception:
-            checks.pruned_linear(x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize)
-            raise
-    checks.pruned_linear(x, weight, bias, in_index, ln_weight, ln_bias, eps, normalize)
-    return torch.ops.fasttrack._pruned_linear_gather(*args)
+    `fasttrack.nn.PrunedLinear`'s inference path: the internal op ``_pruned_linear_gather``."""
+    return dispatch("_pruned_linear_gather", x, in_index, ln_weight, ln_bias, float(eps), normalize)

@@ -158,10 +158,12 @@ def _cases(qk):
     return cases
 
 
-TOPK_SELECT = register(OpDef("topk_select", SCHEMA, _fake, checks.topk_select, _setup_context, _backward,
-                             triton="topk_select:topk_select", cases=_cases(False)))
-TOPK_SELECT_QK = register(OpDef("topk_select_qk", SCHEMA_QK, _fake_qk, checks.topk_select_qk, _setup_context_qk, _backward_qk,
-                                triton="topk_select:topk_select_qk", cases=_cases(True)))
+TOPK_SELECT = register(OpDef(name="topk_select", schema=SCHEMA, fake=_fake, check=checks.topk_select,
+                             setup_context=_setup_context, backward=_backward,
+                             cuda="triton:topk_select:topk_select", cases=_cases(False)))
+TOPK_SELECT_QK = register(OpDef(name="topk_select_qk", schema=SCHEMA_QK, fake=_fake_qk, check=checks.topk_select_qk,
+                                setup_context=_setup_context_qk, backward=_backward_qk,
+                                cuda="triton:topk_select:topk_select_qk", cases=_cases(True)))
 
 
 def topk_select(attn, x, query_index, keep_ratio, *, start, length=None, query_weight=None, bonus=None,

@@ -11,12 +11,13 @@
 namespace fasttrack {
 namespace pruned_linear {
 
-// Metadata of the gather phase (both ops).
-void check_gather_args(const at::Tensor& x, const at::Tensor& in_index, const std::optional<at::Tensor>& ln_weight,
-                       const std::optional<at::Tensor>& ln_bias, bool normalize);
+// Metadata of the gather phase (both ops; op: the name the messages give).
+void check_gather_args(const char* op, const at::Tensor& x, const at::Tensor& in_index,
+                       const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+                       bool normalize);
 // Range and distinctness of every kept index (idx: in_index's k values, on the CPU), before any read
 // through it.
-void check_index_values(const int64_t* idx, int64_t k, int64_t d_in);
+void check_index_values(const char* op, const int64_t* idx, int64_t k, int64_t d_in);
 // weight / bias of pruned_linear against x and in_index.
 void check_weight_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& in_index);
