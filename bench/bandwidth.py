@@ -6,7 +6,7 @@ bandwidth drifts with the neighbours (38–78 GB/s on this project's VM within o
 fraction taken against a bandwidth measured minutes earlier (as `python -m bench` does once at its
 start) says little. Here each round measures the DRAM copy bandwidth (as `python -m bench` does) and
 then times the op right after it; the table gives every round's ratio and their median.
-Bytes are the ones the benchmarks in bench/ count (`_moved_bytes`, and the same formulas for
+Bytes are the ones the benchmarks in bench/ count (`moved_bytes`, and the same formulas for
 pad_scatter / gather_tokens).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import fasttrack
 from bench.machine import copy_bandwidth
 from bench.bench_pad_scatter import SHAPES as MAP_SHAPES
-from bench.bench_topk_select import _moved_bytes
+from bench.bench_topk_select import moved_bytes
 from fasttrack.ops.pad_scatter import random_index
 from fasttrack.ops.topk_select import SHAPES as TOPK_SHAPES
 from fasttrack.ops.topk_select import make_inputs
@@ -47,7 +47,7 @@ def _cases():
             def build(name=name, all_rows=all_rows, dtype=dtype):
                 attn, x, qi, w, bonus, gi, start, L, ratio = make_inputs(
                     name, B, dtype, all_rows=all_rows, generator=torch.Generator().manual_seed(0))
-                nbytes = _moved_bytes(TOPK_SHAPES[name], B, qi.shape[1], dtype, False)
+                nbytes = moved_bytes(TOPK_SHAPES[name], B, qi.shape[1], dtype, False)
                 return (lambda: fasttrack.topk_select(attn, x, qi, ratio, start=start, length=L, query_weight=w,
                                                       bonus=bonus, global_index=gi)), nbytes
             yield "topk_select", f"{name}-R{64 if all_rows else 1}/{str(dtype)[6:]}", build

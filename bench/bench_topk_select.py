@@ -27,7 +27,7 @@ def _native_qk(q, k, x, qi, w, bonus, gi, start, L, ratio, scale):
                                     bonus=bonus, global_index=gi)
 
 
-def _moved_bytes(s, B, R, dtype, qk):
+def moved_bytes(s, B, R, dtype, qk):
     es = torch.tensor([], dtype=dtype).element_size()
     k = keep_count(s.keep_ratio, s.L)
     rows = B * (s.N - s.L + k) * s.C * es * 2                 # surviving tokens read + written
@@ -44,7 +44,7 @@ def test_topk_select(benchmark, provider, name, all_rows, B, dtype):
     args = make_inputs(name, B, dtype, all_rows=all_rows, generator=torch.Generator().manual_seed(0))
     s, R = SHAPES[name], args[2].shape[1]
     bench_op(benchmark, provider, ref=reference.topk_select, native=_native, args=args,
-             group=f"topk_select/{name}-R{R}-B{B}/{str(dtype)[6:]}", nbytes=_moved_bytes(s, B, R, dtype, False),
+             group=f"topk_select/{name}-R{R}-B{B}/{str(dtype)[6:]}", nbytes=moved_bytes(s, B, R, dtype, False),
              flops=2 * B * s.H * R * s.L, atol=0, rtol=0)
 
 
@@ -62,5 +62,5 @@ def test_topk_select_qk(benchmark, provider, B):
     args = make_inputs("ostrack256", B, torch.float32, qk=True, generator=torch.Generator().manual_seed(0))
     s = SHAPES["ostrack256"]
     bench_op(benchmark, provider, ref=reference.topk_select_qk, native=_native_qk, args=args,
-             group=f"topk_select_qk/ostrack256-R1-B{B}/float32", nbytes=_moved_bytes(s, B, 1, torch.float32, True),
+             group=f"topk_select_qk/ostrack256-R1-B{B}/float32", nbytes=moved_bytes(s, B, 1, torch.float32, True),
              flops=2 * B * s.H * s.N * s.D, compare=_same_selection_mostly)

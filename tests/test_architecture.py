@@ -120,3 +120,21 @@ def test_no_import_cycle(start):
             if d not in seen:
                 seen.add(d)
                 stack.append((d, path + [d]))
+
+
+def test_private_names_stay_in_their_module():
+    """A name with a leading underscore is its module's own: another module of the package (or of
+    bench/) that needs it gets a public name instead. Underscore *modules* (``_extension``,
+    ``_opchecks``, ``_registry``...) are the package's internals and may be imported."""
+    crossing = []
+    files = [f for f in MODULES.values() if f is not None] + sorted((ROOT / "bench").rglob("*.py"))
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("fasttrack", "bench")):
+                continue
+            for alias in node.names:
+                name = alias.name
+                is_module = f"{node.module}.{name}" in MODULES or (ROOT / node.module.replace(".", "/") / f"{name}.py").exists()
+                if name.startswith("_") and not name.startswith("__") and not is_module:
+                    crossing.append(f"{f.relative_to(ROOT)}: from {node.module} import {name}")
+    assert not crossing, "\n".join(crossing)

@@ -53,7 +53,7 @@ from fasttrack.nn.twin import twin_from_reference
 from fasttrack.nn.linear import FastLinear
 from fasttrack.nn.cuda_graph import GraphedStep, require_cuda
 from fasttrack.nn.derived import TransientState
-from fasttrack.nn.vit import Block, FusedBlock, _identity_like, init_vit_weights, linear_add
+from fasttrack.nn.vit import Block, FusedBlock, identity_like, init_vit_weights, linear_add
 from fasttrack.ops import Merged, merge_tokens
 from fasttrack.nn._recognizers import probe_like, register_recognizer
 
@@ -128,7 +128,7 @@ class FusedCrossAttention(CrossAttention):
 
     def forward_add(self, xq, xkv, residual):
         o = self._core(xq, xkv)
-        if _identity_like(self.proj_drop):
+        if identity_like(self.proj_drop):
             return linear_add(self.proj, o, residual)
         return residual + self.proj_drop(self.proj(o))
 
@@ -181,7 +181,7 @@ class ConvFFN(nn.Module):
         # [B, N, Ch] viewed as a channels-last [B, Ch, H, W] map: no copy in or out of the conv
         m = h.transpose(1, 2).reshape(B, h.shape[-1], *self.hw)
         h = self.act(self.dwconv(m)).flatten(2).transpose(1, 2)
-        return h if _identity_like(self.drop) else self.drop(h)
+        return h if identity_like(self.drop) else self.drop(h)
 
     def forward(self, x):
         _check_tokens(x, type(self).__name__, "x", self.norm.normalized_shape[0], self.hw[0] * self.hw[1])
@@ -194,7 +194,7 @@ class FusedConvFFN(ConvFFN):
     def forward(self, x):
         _check_tokens(x, type(self).__name__, "x", self.norm.normalized_shape[0], self.hw[0] * self.hw[1])
         h = self._hidden(x).contiguous()
-        if _identity_like(self.drop):
+        if identity_like(self.drop):
             return linear_add(self.fc2, h, x.contiguous())
         return x + self.drop(self.fc2(h))
 

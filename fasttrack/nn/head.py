@@ -30,7 +30,7 @@ from torch import nn
 
 from fasttrack.nn._recognizers import has_attrs, probe_like, register_recognizer
 from fasttrack.nn.derived import Derived
-from fasttrack.nn.linear import _packable
+from fasttrack.nn.linear import packable
 
 __all__ = ["CenterPredictor", "FusedCenterPredictor", "conv_bn_relu"]
 
@@ -182,7 +182,7 @@ class FusedCenterPredictor(CenterPredictor):
             stages.append((w, b, 1 if s == 1 else 3, getattr(self, f"conv{s}_ctr")[0].padding if s < 5 else 0))
         w1 = stages[0][0]
         im2col = None
-        if _packable(w1, w1, None):   # stage 1 as a GEMM: [C_out, (ky, kx, C_in)], pre-packed
+        if packable(w1, w1, None):   # stage 1 as a GEMM: [C_out, (ky, kx, C_in)], pre-packed
             im2col = torch.ops.mkldnn._reorder_linear_weight(w1.permute(0, 2, 3, 1).reshape(w1.shape[0], -1)
                                                              .contiguous())
         return stages, im2col
@@ -203,7 +203,7 @@ class FusedCenterPredictor(CenterPredictor):
         ``[sigmoid(ctr), -, sigmoid(size) x2, offset x2]``, the sigmoids clamped as the official head."""
         stages, im2col = self._folded_weights(x.dtype)
         w1, b1, _, pad1 = stages[0]
-        if im2col is not None and _packable(x, w1, b1) and tuple(pad1) == (w1.shape[-2] // 2, w1.shape[-1] // 2):
+        if im2col is not None and packable(x, w1, b1) and tuple(pad1) == (w1.shape[-2] // 2, w1.shape[-1] // 2):
             h, first = self._stage1_gemm(x, w1, im2col, b1, pad1), 1
         else:
             h, first = x.contiguous(memory_format=torch.channels_last), 0

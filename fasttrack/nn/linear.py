@@ -40,7 +40,7 @@ _PACKED_DTYPES = (torch.float32,) + ((torch.bfloat16,) if _MKLDNN and torch.ops.
 _grad_enabled = torch.is_grad_enabled
 
 
-def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if capturing_graph():   # first: Dynamo traces this, and then nothing below
         return False
     dtype = x.dtype
@@ -90,11 +90,11 @@ class FastLinear(nn.Linear):
 
     def uses_packed(self, x: torch.Tensor) -> bool:
         """Whether `forward(x)` takes the packed oneDNN path in the current grad/compile context."""
-        return _packable(x, self.weight, self.bias)
+        return packable(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        if _packable(x, weight, bias):
+        if packable(x, weight, bias):
             return packed_linear(x, self._packed.get(weight), bias)
         return F.linear(x, weight, bias)
 

@@ -40,7 +40,7 @@ from fasttrack.nn.ce import (Scorer, active_ratio, ce_query_index, check_index, 
 from fasttrack.nn.onestream import FusedOneStreamTracker, OneStreamTracker
 from fasttrack.nn.head import CenterPredictor, FusedCenterPredictor
 from fasttrack.nn._recognizers import forward_params, probe_like, register_recognizer
-from fasttrack.nn.vit import (Block, FusedBlock, PatchEmbed, _identity_like, block_dim, fused_vit_block, init_vit_weights,
+from fasttrack.nn.vit import (Block, FusedBlock, PatchEmbed, identity_like, block_dim, fused_vit_block, init_vit_weights,
                               share_block_parts, vit_block_parts)
 from fasttrack.ops import pad_scatter
 
@@ -216,7 +216,7 @@ class VisionTransformerCE(nn.Module):
         x = self.patch_embed(x) + self.pos_embed_x
         z = self.embed_template(z) if z_tokens is None else z_tokens
         tokens = torch.cat([z, x], dim=1)
-        return tokens if _identity_like(self.pos_drop) else self.pos_drop(tokens)
+        return tokens if identity_like(self.pos_drop) else self.pos_drop(tokens)
 
     def _run_blocks(self, tokens, ce_template_mask, ce_keep_rate):
         B, dev = tokens.shape[0], tokens.device

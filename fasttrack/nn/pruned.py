@@ -33,9 +33,11 @@ from torch import nn
 
 from fasttrack import _extension, reference
 from fasttrack.backend import current_backend
-from fasttrack.nn.linear import FastLinear, PackedWeight, _grad_enabled, _packable, packed_linear
-from fasttrack.nn.vit import Block, _identity_like, _is_exact_gelu, linear_add
+from fasttrack.nn.linear import FastLinear, PackedWeight, packable, packed_linear
+from fasttrack.nn.vit import Block, identity_like, is_exact_gelu, linear_add
 from fasttrack.ops.pruned_linear import gather_kept, pruned_linear
+
+_grad_enabled = torch.is_grad_enabled
 
 __all__ = ["PrunedLinear", "PrunedAttention", "PrunedMlp", "PrunedBlock", "MaskedBlock"]
 
@@ -119,13 +121,13 @@ class PrunedLinear(nn.Module):
 
     def uses_packed(self, x: torch.Tensor) -> bool:
         """Whether `forward(x)` takes the gather + pre-packed oneDNN path (see the module doc)."""
-        return (_extension.loaded and current_backend() in ("auto", "native") and _packable(x, self.weight, self.bias))
+        return (_extension.loaded and current_backend() in ("auto", "native") and packable(x, self.weight, self.bias))
 
     def _gathered(self, x: torch.Tensor, ln) -> torch.Tensor | None:
         """The packed path's input ``LN?(x)[..., in_index]`` as ``[M, d_kept]``, or None when the
         op path runs (see the module doc)."""
         weight, bias = self.weight, self.bias
-        if (_extension.loaded and current_backend() in ("auto", "native") and _packable(x, weight, bias)
+        if (_extension.loaded and current_backend() in ("auto", "native") and packable(x, weight, bias)
                 and (ln is None or not _grad_enabled() or not any(p is not None and p.requires_grad for p in ln[:2]))):
             ln_w, ln_b, eps = ln if ln is not None else (None, None, 1e-5)
             return gather_kept(x, self.in_index, ln_w, ln_b, eps, ln is not None)
@@ -142,7 +144,7 @@ class PrunedLinear(nn.Module):
     def forward_gelu(self, x: torch.Tensor, act: nn.Module, norm: nn.LayerNorm | None = None) -> torch.Tensor:
         """``act(self(x, norm))``; on the packed path an exact GELU runs as the GEMM's oneDNN post-op,
         so the ``[M, out_features]`` activation is written once."""
-        if _is_exact_gelu(act):
+        if is_exact_gelu(act):
             h = self._gathered(x, self._norm_args(norm))
             if h is not None:
                 out = torch.ops.mkldnn._linear_pointwise(h, self._packed.get(self.weight), self.bias, "gelu", [],
@@ -188,7 +190,7 @@ def _attend(qkv: torch.Tensor, num_heads: int, scale: float, mask, return_attent
     B, N, C3 = qkv.shape
     C = C3 // 3
     q, k, v = qkv.reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-    if return_attention or not _identity_like(attn_drop):
+    if return_attention or not identity_like(attn_drop):
         attn = (q @ k.transpose(-2, -1)) * scale
         if mask is not None:
             attn = attn.masked_fill(mask[:, None, None, :], float("-inf"))
@@ -220,7 +222,7 @@ class PrunedAttention(nn.Module):
     def forward_add(self, x, residual, norm=None, mask=None, return_attention=False):
         """``residual + self(x, ...)`` with the add fused into proj when nothing sits between them."""
         o, attn = _attend(self.qkv(x, norm), self.num_heads, self.scale, mask, return_attention, self.attn_drop)
-        y = self.proj.forward_add(o, residual) if _identity_like(self.proj_drop) else residual + self.proj_drop(self.proj(o))
+        y = self.proj.forward_add(o, residual) if identity_like(self.proj_drop) else residual + self.proj_drop(self.proj(o))
         return (y, attn) if return_attention else y
 
 
@@ -238,7 +240,7 @@ class PrunedMlp(nn.Module):
     def forward_add(self, x, residual, norm=None):
         """``residual + self(x, norm)`` with the add fused into fc2 when nothing sits between them."""
         h = self.fc1.forward_gelu(x, self.act, norm)
-        if _identity_like(self.drop):   # eval: no dropout call (one dispatch fewer per block)
+        if identity_like(self.drop):   # eval: no dropout call (one dispatch fewer per block)
             return linear_add(self.fc2, h, residual)
         return residual + self.drop(self.fc2(self.drop(h)))
 
@@ -284,7 +286,7 @@ class PrunedBlock(nn.Module):
         return cls(nn.LayerNorm(dim, **kw), attn, nn.LayerNorm(dim, **kw), mlp)
 
     def forward(self, x, mask=None, return_attention=False):
-        if _identity_like(self.drop_path):  # the residual adds fused into proj / fc2 (packed path)
+        if identity_like(self.drop_path):  # the residual adds fused into proj / fc2 (packed path)
             y = self.attn.forward_add(x, x, self.norm1, mask, return_attention)
             x, attn = y if return_attention else (y, None)
             x = self.mlp.forward_add(x, x, self.norm2)

@@ -68,13 +68,13 @@ def init_vit_weights(m):
 # --------------------------------------------------------------------------------------------
 # GEMM + epilogue helpers (oneDNN post-ops on the packed path, plain PyTorch otherwise)
 # --------------------------------------------------------------------------------------------
-def _is_exact_gelu(act: nn.Module) -> bool:
+def is_exact_gelu(act: nn.Module) -> bool:
     return type(act) is nn.GELU and act.approximate == "none"
 
 
 def linear_gelu(fc: nn.Linear, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
     """``act(fc(x))``; one oneDNN call with a GELU post-op when ``fc`` takes the packed path."""
-    if isinstance(fc, FastLinear) and _is_exact_gelu(act) and fc.uses_packed(x):
+    if isinstance(fc, FastLinear) and is_exact_gelu(act) and fc.uses_packed(x):
         return torch.ops.mkldnn._linear_pointwise(x, fc._packed.get(fc.weight), fc.bias, "gelu", [], "none")
     return act(fc(x))
 
@@ -90,7 +90,7 @@ def linear_add(fc: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.
     return residual + fc(x)
 
 
-def _identity_like(m: nn.Module | None) -> bool:
+def identity_like(m: nn.Module | None) -> bool:
     """True for modules that are the identity in the current mode (Identity, Dropout(p=0) or eval)."""
     if m is None or isinstance(m, nn.Identity):
         return True
@@ -252,7 +252,7 @@ class FusedMlp(nn.Module):
     def forward_add(self, x, residual):
         """``residual + self(x)`` with the add fused into fc2 when nothing sits between them."""
         h = linear_gelu(self.fc1, x, self.act)
-        if _identity_like(self.drop):   # eval: no dropout call (one dispatch fewer per block)
+        if identity_like(self.drop):   # eval: no dropout call (one dispatch fewer per block)
             return linear_add(self.fc2, h, residual)
         return residual + self.drop(self.fc2(self.drop(h)))
 
@@ -362,7 +362,7 @@ class FusedAttention(nn.Module):
         q, k, v = self._qkv(x)
         o, attn = self._core(q, k, v, mask)
         if residual is not None:
-            if _identity_like(self.proj_drop):
+            if identity_like(self.proj_drop):
                 return linear_add(self.proj, o, residual), q, k, attn
             return residual + self.proj_drop(self.proj(o)), q, k, attn
         return self.proj_drop(self.proj(o)), q, k, attn
@@ -389,13 +389,13 @@ class FusedBlock(nn.Module):
 
     def attn_residual(self, x, mask=None):
         """``(x + drop_path(attn(norm1(x))), q, k, attn map or None)`` (`FusedAttention.forward_qk`)."""
-        if _identity_like(self.drop_path):
+        if identity_like(self.drop_path):
             return self.attn.forward_qk(self.norm1(x), mask, residual=x)
         y, q, k, attn = self.attn.forward_qk(self.norm1(x), mask)
         return x + self.drop_path(y), q, k, attn
 
     def mlp_residual(self, x):
-        if _identity_like(self.drop_path):
+        if identity_like(self.drop_path):
             return self.mlp.forward_add(self.norm2(x), x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

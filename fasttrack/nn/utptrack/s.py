@@ -10,9 +10,9 @@ from torch import nn
 
 from fasttrack.nn.ce import Scorer, active_ratio
 from fasttrack.nn.derived import Derived
-from fasttrack.nn.linear import _packable
+from fasttrack.nn.linear import packable
 from fasttrack.nn._recognizers import forward_params, has_attrs, is_linear, probe_like, register_recognizer
-from fasttrack.nn.vit import _identity_like, drop_path_of, drop_path_or_identity, sdpa_is_faster
+from fasttrack.nn.vit import identity_like, drop_path_of, drop_path_or_identity, sdpa_is_faster
 from fasttrack.nn.utptrack.pruning import PRUNING_ARGS, block_outputs, probe_index, prune_groups
 
 __all__ = ["ITPNAttention", "SwiGLU", "UTPTrackSBlock", "FusedUTPTrackSBlock"]
@@ -238,9 +238,9 @@ class FusedUTPTrackSBlock(UTPTrackSBlock):
     # -- packed pieces ------------------------------------------------------------------------
     def _packed_ok(self, x):
         a = self.attn
-        return (_packable(x, a.q_proj.weight, a.q_bias) and _packable(x, self.mlp.w1.weight, self.mlp.w1.bias)
-                and _packable(x, self.gamma_1, None) and _identity_like(self.drop_path)
-                and _identity_like(a.proj_drop) and _identity_like(self.mlp.drop) and isinstance(self.mlp.act, nn.SiLU))
+        return (packable(x, a.q_proj.weight, a.q_bias) and packable(x, self.mlp.w1.weight, self.mlp.w1.bias)
+                and packable(x, self.gamma_1, None) and identity_like(self.drop_path)
+                and identity_like(a.proj_drop) and identity_like(self.mlp.drop) and isinstance(self.mlp.act, nn.SiLU))
 
     def _qkv_packed(self, x):
         a = self.attn
