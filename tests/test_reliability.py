@@ -361,3 +361,17 @@ def test_huge_cache_limit_saturates():
                 {"FASTTRACK_CPU_CACHE_MB": str(2 ** 43 + 5)})
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.strip()) > 0
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_pruned_linear_module_with_a_mismatched_weight_names_it(grad):
+    """A PrunedLinear whose weight was reassigned with another width: the packed inference path must
+    not hand oneDNN the mismatch (its message names nothing); the op's check names it on every path."""
+    from fasttrack.nn.pruned import PrunedLinear
+    lin = PrunedLinear(64, 32, torch.arange(0, 64, 2)).eval()
+    lin.weight = nn.Parameter(torch.randn(32, 31))
+    x = torch.randn(2, 5, 64)
+    with torch.set_grad_enabled(grad):
+        assert not lin.uses_packed(x)
+        with pytest.raises(ValueError, match=r"fasttrack\.pruned_linear: `weight.shape\[1\]` \(31\) must equal len\(in_index\) \(32\)"):
+            lin(x)

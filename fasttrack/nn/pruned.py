@@ -121,13 +121,15 @@ class PrunedLinear(nn.Module):
 
     def uses_packed(self, x: torch.Tensor) -> bool:
         """Whether `forward(x)` takes the gather + pre-packed oneDNN path (see the module doc)."""
-        return (_extension.loaded and current_backend() in ("auto", "native") and packable(x, self.weight, self.bias))
+        # a weight that no longer matches in_index (reassigned by hand) takes the op path, whose
+        # check names the mismatch; the packed GEMM would fail with oneDNN's message instead
+        return (_extension.loaded and current_backend() in ("auto", "native") and packable(x, self.weight, self.bias)
+                and self.weight.shape[-1] == self.in_index.shape[0])
 
     def _gathered(self, x: torch.Tensor, ln) -> torch.Tensor | None:
         """The packed path's input ``LN?(x)[..., in_index]`` as ``[M, d_kept]``, or None when the
         op path runs (see the module doc)."""
-        weight, bias = self.weight, self.bias
-        if (_extension.loaded and current_backend() in ("auto", "native") and packable(x, weight, bias)
+        if (self.uses_packed(x)
                 and (ln is None or not _grad_enabled() or not any(p is not None and p.requires_grad for p in ln[:2]))):
             ln_w, ln_b, eps = ln if ln is not None else (None, None, 1e-5)
             return gather_kept(x, self.in_index, ln_w, ln_b, eps, ln is not None)
