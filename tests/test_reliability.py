@@ -375,3 +375,21 @@ def test_pruned_linear_module_with_a_mismatched_weight_names_it(grad):
         assert not lin.uses_packed(x)
         with pytest.raises(ValueError, match=r"fasttrack\.pruned_linear: `weight.shape\[1\]` \(31\) must equal len\(in_index\) \(32\)"):
             lin(x)
+
+
+def test_fast_linear_with_a_mismatched_width_raises_nn_linears_error():
+    """FastLinear is a drop-in nn.Linear: a wrong input width (or a weight reassigned with another
+    width) must raise what nn.Linear raises, not oneDNN's primitive-descriptor message."""
+    from fasttrack.nn.linear import FastLinear
+    lin, ref = FastLinear(16, 8).eval(), nn.Linear(16, 8).eval()
+    with torch.no_grad():
+        for x in (torch.randn(3, 15), torch.randn(2, 4, 17)):
+            assert not lin.uses_packed(x)
+            with pytest.raises(RuntimeError) as want:
+                ref(x)
+            with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied") as got:
+                lin(x)
+            assert str(got.value) == str(want.value)
+        lin.weight = nn.Parameter(torch.randn(8, 15))
+        with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+            lin(torch.randn(3, 16))

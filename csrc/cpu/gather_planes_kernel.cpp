@@ -1,6 +1,8 @@
 // fasttrack::gather_tokens from planes (CPU): the NCHW-map path of the gather, dst[b, j, c] =
-// src[b·sb + c·sc + index[b, j]] with token stride 1. Declared in fasttrack/pad_scatter.h; the
-// tokens layout and the scatter are in csrc/cpu/pad_scatter_kernel.cpp.
+// src[b·sb + c·sc + index[b, j]] with token stride 1. A task owns one batch and W channels, W·elem =
+// one 64-byte line: it reads its W planes (W·N·elem bytes, L1-sized at tracker maps) and writes each
+// output row's W channels as one whole line. Declared in fasttrack/pad_scatter.h; the tokens layout
+// and the scatter are in csrc/cpu/pad_scatter_kernel.cpp.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -14,9 +16,6 @@ namespace fasttrack {
 namespace pad_scatter {
 namespace {
 
-// Gather from planes: dst[b, j, c] = src[b·sb + c·sc + index[b, j]] (token stride 1). A task owns one
-// batch and W channels, W·elem = one 64-byte line: it reads its W planes (W·N·elem bytes, L1-sized at
-// tracker maps) and writes each output row's W channels as one whole line.
 #if defined(FT_HAVE_AVX2_PATH)
 // Software prefetch (into L2) of the next task's planes, a few lines per output row of this task,
 // so the next task's DRAM reads overlap this task's work. Requested in one burst, the same

@@ -298,8 +298,6 @@ bool use_onednn(const at::Tensor& h) {
          h.size(1) > 0;
 }
 
-}  // namespace
-
 // Phase 1: [..., d_in] -> [M, d_kept] contiguous, x's dtype (M = prod of the leading dims).
 at::Tensor gather_impl(const char* op, const at::Tensor& x, const at::Tensor& in_index_in,
                        const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, double eps,
@@ -320,6 +318,8 @@ at::Tensor gather_impl(const char* op, const at::Tensor& x, const at::Tensor& in
   });
   return out;
 }
+
+}  // namespace
 
 at::Tensor gather_cpu(const at::Tensor& x, const at::Tensor& in_index, const std::optional<at::Tensor>& ln_weight,
                       const std::optional<at::Tensor>& ln_bias, double eps, bool normalize) {

@@ -11,7 +11,9 @@ Dispatch rule (`FastLinear.uses_packed` states it; tests check it). The packed p
 - no gradient is needed: grad mode is off, or none of x / weight / bias requires grad (the packed
   product is not differentiable);
 - the call is not being traced by `torch.compile` (the packed weight is an opaque oneDNN tensor that
-  fake tensors cannot follow; with ``freezing`` Inductor packs the weight itself).
+  fake tensors cannot follow; with ``freezing`` Inductor packs the weight itself);
+- x's last dim equals the weight's width (otherwise `F.linear` raises nn.Linear's own shape error;
+  oneDNN's names nothing).
 Otherwise `F.linear` runs, exactly `nn.Linear.forward`.
 
 The packed weight is a cache, not state (`fasttrack.nn.derived.Derived`): it is not in ``state_dict``,
@@ -90,11 +92,15 @@ class FastLinear(nn.Linear):
 
     def uses_packed(self, x: torch.Tensor) -> bool:
         """Whether `forward(x)` takes the packed oneDNN path in the current grad/compile context."""
-        return packable(x, self.weight, self.bias)
+        return _takes_packed(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if packable(x, weight, bias):
+        weight, bias = self.weight, self.bias   # one module attribute lookup each (~0.3 µs apiece)
+        if _takes_packed(x, weight, bias):
             return packed_linear(x, self._packed.get(weight), bias)
         return F.linear(x, weight, bias)
+
+
+def _takes_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return x.shape[-1] == weight.shape[1] and packable(x, weight, bias)
 

@@ -99,7 +99,7 @@ def _gather_backward(ctx, grad):
 
 def _cases_gather(device, dtype):
     """pruned_linear's cases without the GEMM: the gather with and without its fused LayerNorm."""
-    return [CheckCase(c.name, (c.args[0], *c.args[3:])) for c in _cases(device, dtype)]
+    return [CheckCase(c.name.rpartition("->")[0], (c.args[0], *c.args[3:])) for c in _cases(device, dtype)]
 
 
 # Phase 1 of the CPU kernel alone (csrc/cpu/pruned_linear_kernel.cpp): `fasttrack.nn.PrunedLinear`
