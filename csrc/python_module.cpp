@@ -11,6 +11,7 @@
 #include <ATen/record_function.h>
 #include <torch/extension.h>
 
+#include <fasttrack/attention.h>
 #include <fasttrack/content_stamp.h>
 #include <fasttrack/cpu_isa.h>
 #include <fasttrack/output_cache.h>
@@ -64,6 +65,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", &fasttrack::cpu_isa_name, "Vector ISA of the CPU kernels: avx512, avx2 or baseline");
   m.def("content_stamp", &fasttrack::content_stamp,
         "A 64-bit stamp of a CPU tensor's content (a stripe of its elements: every row and every column)");
+  m.def(
+      "attention_fast_path",
+      [](py::object dtype, int64_t head_dim) {
+        return fasttrack::attention::fast_path_serves(torch::python::detail::py_object_to_dtype(dtype), head_dim);
+      },
+      "Whether fasttrack::_attention's vectorised CPU kernel serves this dtype and head dim on this CPU");
   auto cpu = m.def_submodule("cpu", "Registered CPU kernels, called without the boxed Python dispatch");
   CpuKernel<Selection(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                       int64_t, int64_t, double)>::def(cpu, "topk_select");
@@ -80,4 +87,5 @@ PYBIND11_MODULE(_C, m) {
                    double, bool)>::def(cpu, "pruned_linear");
   CpuKernel<Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, double, bool)>::def(
       cpu, "_pruned_linear_gather");
+  CpuKernel<Tensor(const Tensor&, int64_t, double)>::def(cpu, "_attention");
 }

@@ -157,6 +157,19 @@ def pruned_linear_gather(x, in_index, ln_weight=None, ln_bias=None, eps=1e-5, no
     _layer_norm_args(op, x, ln_weight, ln_bias, normalize)
 
 
+# ---------------------------------------------------------------------------------------- _attention
+def attention(qkv, num_heads, scale):
+    """The internal op ``_attention``: ``qkv [B, N, 3·C]``, C divisible by ``num_heads``."""
+    op = "_attention"
+    v.floating(qkv, op, "qkv", ndim=3)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        v.fail(op, f"`num_heads` must be an int >= 1, got {num_heads!r}")
+    if qkv.shape[-1] % (3 * num_heads):
+        v.fail(op, f"`qkv.shape[-1]` ({qkv.shape[-1]}) must be 3 * num_heads * head_dim with num_heads={num_heads}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"fasttrack.{op}: `scale` must be a float, got {type(scale).__name__}")
+
+
 def _kept_dims(op, x, in_index):
     if in_index.shape[0] > x.shape[-1]:
         v.fail(op, f"`in_index` keeps {in_index.shape[0]} dims but `x` has only d_in={x.shape[-1]}")

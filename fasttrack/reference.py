@@ -343,6 +343,17 @@ def pruned_linear_gather(x, in_index, ln_weight=None, ln_bias=None, eps=1e-5, no
     return h.to(x.dtype).reshape(math.prod(x.shape[:-1]), in_index.shape[0])
 
 
+def attention(qkv, num_heads, scale):
+    """Multi-head self-attention core (the internal op ``_attention``) from a fused qkv projection in
+    the timm / OSTrack layout: ``qkv [B, N, 3·C]`` is ``[B, N, 3, H, D]`` (H = num_heads, C = H·D);
+    returns ``softmax(q·kᵀ·scale)·v`` per head as ``[B, N, C]`` (heads side by side), qkv's dtype."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = _acc(qkv).reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+    return (attn @ v).transpose(1, 2).reshape(B, N, C).to(qkv.dtype)
+
+
 def masked_dense_linear(x, dense_weight, bias, mask):
     """ABTrack's statement of a pruned layer: ``(x · D) @ Wᵀ + b`` with ``D = diag(mask)``, a 0/1
     mask over ``d_in``. Equals `pruned_linear` with ``in_index = mask.nonzero()`` and the weight's

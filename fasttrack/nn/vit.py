@@ -10,10 +10,12 @@ same state-dict keys, and are built for CPU inference speed:
 - linears are `FastLinear` (oneDNN, pre-packed weights); where the packed path runs, the GELU of
   the MLP and the residual adds after ``proj`` / ``fc2`` are fused into the GEMM as oneDNN
   post-ops, so the ``[B, N, 4C]`` hidden activation and the residual sum are written once;
-- attention runs `scaled_dot_product_attention`, never materialising ``[B, H, N, N]``, unless the
-  caller asks for the attention map (``return_attention=True``), in which case the official explicit
-  math runs so the map is exactly the reference's; bf16 / fp16 on CPU run the explicit core too,
-  because it is faster there (`sdpa_is_faster` states the rule).
+- the attention core, unless the caller asks for the map (``return_attention=True``: then the
+  official explicit math runs, so the map is exactly the reference's), is fasttrack's CPU kernel
+  (`fasttrack.ops.attention_core`, read in place from the qkv output) where it serves the input
+  (`attention_kernel_serves` states the rule), else `scaled_dot_product_attention`, never
+  materialising ``[B, H, N, N]``, except bf16 / fp16 on CPU, where the explicit core is faster
+  (`sdpa_is_faster`).
 ``from_reference(module)`` builds a fused module that shares the given module's Parameters (no
 copy). It reads the module by structure (attribute names), so it also accepts the official
 trackers' own classes; `fasttrack.patch_model` relies on that.
@@ -29,9 +31,10 @@ from torch import nn
 from fasttrack.nn._recognizers import forward_params, is_linear, has_attrs, probe_like, register_recognizer
 from fasttrack.nn.init import trunc_normal_
 from fasttrack.nn.linear import FastLinear
+from fasttrack.ops.attention import attention_core, fast_path_serves
 
 __all__ = ["PatchEmbed", "init_vit_weights", "DropPath", "Mlp", "Attention", "Block", "FusedMlp", "FusedAttention",
-           "FusedBlock", "linear_gelu", "linear_add", "sdpa_is_faster"]
+           "FusedBlock", "linear_gelu", "linear_add", "sdpa_is_faster", "attention_kernel_serves"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,6 +272,23 @@ def sdpa_is_faster(q: torch.Tensor) -> bool:
     return q.device.type != "cpu" or q.dtype in (torch.float32, torch.float64)
 
 
+def attention_kernel_serves(qkv: torch.Tensor, num_heads: int, mask: torch.Tensor | None = None,
+                            dropout_p: float = 0.0) -> bool:
+    """The first attention-core dispatch rule of the fused modules (before `sdpa_is_faster`):
+    fasttrack's `attention_core` kernel runs when qkv is on CPU, there is no key mask and no active
+    attention dropout, no gradient is needed, and the kernel's vectorised path serves the dtype and
+    head dim on this CPU (`fasttrack.ops.attention.fast_path_serves`: float32 with AVX-512,
+    bfloat16 with AVX512_BF16, head_dim 64). Measured against the core it replaces (`python -m
+    bench attention`, interleaved medians, one Zen 4 core, 12 heads of 64): fp32 vs SDPA 3.52 vs
+    4.32 ms at 320 tokens, 0.89 vs 1.24 at 153, 17.1 vs 21.8 at 720, 27.6 vs 34.1 at B=8; bf16 vs
+    the explicit core 2.05 vs 2.82, 0.51 vs 0.97, 9.7 vs 14.5, 16.6 vs 23.0 ms; 1.22-1.88x in all."""
+    if not qkv.is_cpu or mask is not None or dropout_p > 0:
+        return False
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return False
+    return fast_path_serves(qkv.dtype, qkv.shape[-1] // (3 * num_heads))
+
+
 class FusedAttention(nn.Module):
     """`Attention` with FastLinear qkv / proj. Same constructor, keys and forward.
 
@@ -310,9 +330,12 @@ class FusedAttention(nn.Module):
         m.train(ref_module.training)
         return m
 
-    def _qkv(self, x):
-        B, N, C = x.shape
-        return self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    def _split(self, qkv):
+        B, N, C3 = qkv.shape
+        return qkv.reshape(B, N, 3, self.num_heads, C3 // (3 * self.num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _kernel_serves(self, qkv, mask):
+        return attention_kernel_serves(qkv, self.num_heads, mask, self.attn_drop.p if self.training else 0.0)
 
     def _sdpa(self, q, k, v, mask):
         attn_mask = None if mask is None else ~mask[:, None, None, :]
@@ -349,18 +372,24 @@ class FusedAttention(nn.Module):
         return self._fast_explicit(q, k, v, mask)
 
     def forward(self, x, mask=None, return_attention=False):
-        q, k, v = self._qkv(x)
+        qkv = self.qkv(x)
         if return_attention:
-            o, attn = self._explicit(q, k, v, mask)
+            o, attn = self._explicit(*self._split(qkv), mask)
             return self.proj_drop(self.proj(o)), attn
-        return self.proj_drop(self.proj(self._core(q, k, v, mask)[0]))
+        if self._kernel_serves(qkv, mask):
+            return self.proj_drop(self.proj(attention_core(qkv, self.num_heads, self.scale)))
+        return self.proj_drop(self.proj(self._core(*self._split(qkv), mask)[0]))
 
     def forward_qk(self, x, mask=None, residual=None):
         """``(out, q, k, attn)``, ``attn`` the map if the explicit core ran (`sdpa_is_faster`), else
         None; with ``residual``, ``out = residual + attention(x)`` (the add fused into proj when
         nothing sits between them)."""
-        q, k, v = self._qkv(x)
-        o, attn = self._core(q, k, v, mask)
+        qkv = self.qkv(x)
+        q, k, v = self._split(qkv)
+        if self._kernel_serves(qkv, mask):
+            o, attn = attention_core(qkv, self.num_heads, self.scale), None
+        else:
+            o, attn = self._core(q, k, v, mask)
         if residual is not None:
             if identity_like(self.proj_drop):
                 return linear_add(self.proj, o, residual), q, k, attn

@@ -1,0 +1,96 @@
+"""`python -m bench attention [--rounds N] [--threads T]` — the attention-core dispatch rule, measured.
+
+`fasttrack.nn.vit.attention_kernel_serves` sends the fused modules' CPU attention core to
+fasttrack's `attention_core` kernel instead of the core `sdpa_is_faster` would pick (SDPA for fp32,
+the explicit ``softmax(q·kᵀ)·v`` for bf16). This times, interleaved call by call in an order rotated
+every round, on the same qkv: the kernel (from the qkv output, heads written side by side), SDPA and
+the explicit core (each with the split before and the merge after that the modules do), and the eager
+spec; medians over rounds, at the tracker shapes (OSTrack-256 / -384 blocks, the token counts left
+after candidate elimination, ViT-S). A fused module takes the kernel only where it served the dtype;
+the ratios say by how much.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fasttrack import reference
+from fasttrack.info import cpu_line
+from fasttrack.ops import attention_core
+from fasttrack.ops.attention import fast_path_serves
+
+# name, B, N, C, heads
+SHAPES = [("ostrack256", 1, 320, 768, 12), ("ce-244", 1, 244, 768, 12), ("ce-153", 1, 153, 768, 12),
+          ("ostrack384", 1, 720, 768, 12), ("ostrack256/B8", 8, 320, 768, 12), ("vit-s", 1, 320, 384, 6)]
+
+
+def _split(qkv, H):
+    B, N, C3 = qkv.shape
+    return qkv.reshape(B, N, 3, H, C3 // (3 * H)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def providers(qkv, H, scale):
+    def kernel():
+        return attention_core(qkv, H, scale)
+
+    def sdpa():
+        q, k, v = _split(qkv, H)
+        o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
+
+    def explicit():   # FusedAttention._fast_explicit
+        q, k, v = _split(qkv, H)
+        attn = (q.contiguous() * scale) @ k.contiguous().transpose(-2, -1)
+        attn = torch.softmax(attn, dim=-1, out=attn)
+        return (attn @ v.contiguous()).transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
+
+    return {"kernel": kernel, "sdpa": sdpa, "explicit": explicit,
+            "reference": lambda: reference.attention(qkv, H, scale)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench attention", description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
+    p.add_argument("-k", default="", help="substring of 'shape/dtype' to select")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(cpu_line(), f"| threads {torch.get_num_threads()}", flush=True)
+    print("| shape | dtype | kernel path | kernel ms | SDPA ms | explicit ms | eager spec ms | "
+          "replaced core / kernel | max abs err vs spec |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    slower = 0
+    for name, B, N, C, H in SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            if a.k not in f"{name}/{str(dtype)[6:]}":
+                continue
+            qkv = torch.randn(B, N, 3 * C).to(dtype)
+            scale = (C // H) ** -0.5
+            fns = providers(qkv, H, scale)
+            times = {k: [] for k in fns}
+            order = list(fns.items())
+            with torch.no_grad():
+                err = (fns["kernel"]().float() - fns["reference"]().float()).abs().max().item()
+                for r in range(a.rounds):
+                    for key, fn in order[r % len(order):] + order[:r % len(order)]:
+                        t = time.perf_counter()
+                        fn()
+                        times[key].append(time.perf_counter() - t)
+            med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+            replaced = "sdpa" if dtype == torch.float32 else "explicit"
+            path = "vectorised" if fast_path_serves(dtype, C // H) else "composite"
+            print(f"| {name} | {str(dtype)[6:]} | {path} | {med['kernel']:.3f} | {med['sdpa']:.3f} | "
+                  f"{med['explicit']:.3f} | {med['reference']:.3f} | {med[replaced] / med['kernel']:.2f} ({replaced}) "
+                  f"| {err:.1e} |", flush=True)
+            slower += med[replaced] < med["kernel"]
+    print(f"\n{slower} case(s) where the kernel is slower than the core it replaces")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
