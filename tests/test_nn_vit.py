@@ -146,3 +146,53 @@ def test_timm_style_mlp_and_errors():
         FusedAttention(10, 3)
     with pytest.raises(ValueError, match="dim"):
         Attention(10, 3)
+
+
+# ------------------------------------------------------------------------------- FusedPatchEmbed
+def _patch_embeds(dtype):
+    from fasttrack.nn.vit import FusedPatchEmbed, PatchEmbed
+    torch.manual_seed(0)
+    ref = PatchEmbed(256, 16, 3, DIM).to(dtype).eval()
+    return ref, FusedPatchEmbed.from_reference(ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,side", [(1, 256), (1, 128), (2, 256), (3, 48)])
+def test_fused_patch_embed_matches_the_conv(dtype, B, side):
+    from fasttrack.nn.vit import patch_tokens
+    ref, fused = _patch_embeds(dtype)
+    x = torch.randn(B, 3, side, side).to(dtype)
+    pos = (torch.randn(1, (side // 16) ** 2, DIM) * 0.02).to(dtype)
+    with torch.no_grad():
+        assert fused.gemm_serves(x) == (dtype in (torch.float32, torch.bfloat16))
+        assert_close(fused(x), ref(x), dtype, scale=2)
+        assert_close(patch_tokens(fused, x, pos), ref(x) + pos, dtype, scale=2)
+        assert_close(patch_tokens(ref, x, pos), ref(x) + pos)
+
+
+def test_fused_patch_embed_rule_keys_and_weight_updates():
+    from fasttrack.nn.vit import FusedPatchEmbed, PatchEmbed
+    ref, fused = _patch_embeds(torch.float32)
+    assert sorted(fused.state_dict()) == sorted(ref.state_dict()) == ["proj.bias", "proj.weight"]
+    assert fused.proj is ref.proj
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert fused.gemm_serves(x)
+        assert not fused.gemm_serves(torch.randn(1, 3, 120, 136))   # sides the stride does not divide
+        before = fused(x)
+        ref.proj.weight.mul_(2)                                    # in place: the packed copy is rebuilt
+        assert_close(fused(x), ref(x))
+        assert not torch.allclose(fused(x), before)
+    x.requires_grad_()
+    assert not fused.gemm_serves(x)                                # a gradient is needed: the conv runs
+    fused(x).sum().backward()
+    assert x.grad is not None
+    overlapping = PatchEmbed(64, 16, 3, 32)
+    overlapping.proj = nn.Conv2d(3, 32, 16, stride=8)
+    with torch.no_grad():
+        f = FusedPatchEmbed.from_reference(overlapping)
+        y = torch.randn(1, 3, 64, 64)
+        assert not f.gemm_serves(y)
+        assert_close(f(y), overlapping(y))
+    with pytest.raises(TypeError, match="Conv2d `proj`"):
+        FusedPatchEmbed.from_reference(nn.Linear(3, 4))

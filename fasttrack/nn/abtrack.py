@@ -62,7 +62,7 @@ from fasttrack.backend import capturing_graph
 from fasttrack.nn.init import trunc_normal_
 from fasttrack.nn.twin import twin_from_reference
 from fasttrack.nn.pruned import MaskedBlock, PrunedBlock
-from fasttrack.nn.vit import Block, FusedBlock, PatchEmbed, init_vit_weights
+from fasttrack.nn.vit import Block, FusedBlock, FusedPatchEmbed, PatchEmbed, init_vit_weights, patch_tokens
 from fasttrack.nn._recognizers import probe_like, register_recognizer
 from fasttrack.prune import masked_block, prune_block, select_kept
 
@@ -194,6 +194,7 @@ class ABTrackBackbone(nn.Module):
 
     bypass_cls = BypassBlock
     block_cls = Block
+    patch_embed_cls = PatchEmbed
 
     def __init__(self, depth: int = 12, n_enf: int = 4, rho: float = 0.5, embed_dim: int = 768, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, patch_size: int = 16, template_size: int = 128,
@@ -212,7 +213,7 @@ class ABTrackBackbone(nn.Module):
         C = embed_dim
         self.feat_sz_z, self.feat_sz_x = template_size // patch_size, search_size // patch_size
         self.lens_z, self.lens_x = self.feat_sz_z ** 2, self.feat_sz_x ** 2
-        self.patch_embed = PatchEmbed(pretrain_size, patch_size, 3, C)
+        self.patch_embed = self.patch_embed_cls(pretrain_size, patch_size, 3, C)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (pretrain_size // patch_size) ** 2, C))
         self.pos_embed_z = nn.Parameter(torch.zeros(1, self.lens_z, C))
@@ -239,7 +240,7 @@ class ABTrackBackbone(nn.Module):
         if z.shape[0] != x.shape[0]:
             raise _err(who, f"`z` and `x` batch sizes differ ({z.shape[0]} vs {x.shape[0]})")
         B = x.shape[0]
-        return torch.cat([self.patch_embed(z) + self.pos_embed_z, self.patch_embed(x) + self.pos_embed_x,
+        return torch.cat([patch_tokens(self.patch_embed, z, self.pos_embed_z), patch_tokens(self.patch_embed, x, self.pos_embed_x),
                           self.bypass_token.expand(B, -1, -1)], dim=1)
 
     def forward(self, z, x):
@@ -275,6 +276,7 @@ class FusedABTrackBackbone(ABTrackBackbone):
 
     bypass_cls = FusedBypassBlock
     block_cls = FusedBlock
+    patch_embed_cls = FusedPatchEmbed
     _prune_inner = staticmethod(prune_block)
 
     @classmethod

@@ -42,7 +42,8 @@ from torch import nn
 from fasttrack._validate import module_error
 from fasttrack.nn._recognizers import has_attrs, probe_like, register_recognizer
 from fasttrack.nn.init import trunc_normal_
-from fasttrack.nn.vit import (Block, FusedBlock, PatchEmbed, block_dim, fused_vit_block, init_vit_weights,
+from fasttrack.nn.vit import (Block, FusedBlock, FusedPatchEmbed, PatchEmbed, block_dim, fused_vit_block,
+                              init_vit_weights, patch_tokens,
                               share_block_parts, vit_block_parts)
 
 __all__ = ["AVTrackBlock", "FusedAVTrackBlock", "AVTrackViT", "FusedAVTrackViT", "backbone_state"]
@@ -133,7 +134,8 @@ class AVTrackViT(nn.Module):
                 raise _err(who, f"`{name}` must be images [B, 3, {n}, {n}], got {got}")
         if z.shape[0] != x.shape[0]:
             raise _err(who, f"`z` and `x` batch sizes differ ({z.shape[0]} vs {x.shape[0]})")
-        return torch.cat([self.patch_embed(z) + self.pos_embed_z, self.patch_embed(x) + self.pos_embed_x], dim=1)
+        return torch.cat([patch_tokens(self.patch_embed, z, self.pos_embed_z),
+                          patch_tokens(self.patch_embed, x, self.pos_embed_x)], dim=1)
 
     def _gated(self, i, blk, x, prob):
         """Block i > 1 under its gate, as the official ``forward_features``."""
@@ -185,8 +187,9 @@ class FusedAVTrackViT(AVTrackViT):
                 raise TypeError(f"{who}: `{name}` is {type(sub).__name__}; the tracking forward has it as Identity")
         m = cls.__new__(cls)
         nn.Module.__init__(m)
-        for k in ("patch_embed", "norm", "cls_token", "pos_embed", "pos_embed_z", "pos_embed_x"):
+        for k in ("norm", "cls_token", "pos_embed", "pos_embed_z", "pos_embed_x"):
             setattr(m, k, getattr(ref, k))
+        m.patch_embed = FusedPatchEmbed.from_reference(ref.patch_embed)
         m.blocks = nn.Sequential(*[FusedAVTrackBlock.from_reference(b) for b in ref.blocks])
         m.embed_dim = m.pos_embed_z.shape[-1]
         m.config = dict(getattr(ref, "config", {}))

@@ -47,7 +47,7 @@ from fasttrack.nn.init import trunc_normal_
 from fasttrack.nn.head import CenterPredictor, FusedCenterPredictor
 from fasttrack.nn.onestream import FusedOneStreamTracker, OneStreamTracker
 from fasttrack.nn.twin import twin_from_reference
-from fasttrack.nn.vit import Block, FusedBlock, PatchEmbed, init_vit_weights
+from fasttrack.nn.vit import Block, FusedBlock, FusedPatchEmbed, PatchEmbed, init_vit_weights, patch_tokens
 from fasttrack.nn._recognizers import probe_like, register_recognizer
 
 __all__ = ["STAGE_COUNTS", "stage_ratio", "student_init_blocks", "sample_replacement", "replacement_probability",
@@ -119,6 +119,7 @@ class CompressTrackerBackbone(nn.Module):
     """
 
     block_cls = Block
+    patch_embed_cls = PatchEmbed
 
     def __init__(self, num_stages: int = 4, layout: str = "student", depth: int = 12, embed_dim: int = 768,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, patch_size: int = 16,
@@ -141,7 +142,7 @@ class CompressTrackerBackbone(nn.Module):
         self.feat_sz_z, self.feat_sz_x = template_size // patch_size, search_size // patch_size
         self.lens_z, self.lens_x = self.feat_sz_z ** 2, self.feat_sz_x ** 2
         C = embed_dim
-        self.patch_embed = PatchEmbed(pretrain_size, patch_size, 3, C)
+        self.patch_embed = self.patch_embed_cls(pretrain_size, patch_size, 3, C)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (pretrain_size // patch_size) ** 2, C))
         self.pos_embed_z = nn.Parameter(torch.zeros(1, self.lens_z, C))
@@ -169,7 +170,8 @@ class CompressTrackerBackbone(nn.Module):
                                 f"embedding was built for), got {got}")
         if z.shape[0] != x.shape[0]:
             raise _err(who, f"`z` and `x` batch sizes differ ({z.shape[0]} vs {x.shape[0]})")
-        return torch.cat([self.patch_embed(z) + self.pos_embed_z, self.patch_embed(x) + self.pos_embed_x], dim=1)
+        return torch.cat([patch_tokens(self.patch_embed, z, self.pos_embed_z),
+                          patch_tokens(self.patch_embed, x, self.pos_embed_x)], dim=1)
 
     def stage_plan(self, replaced: list[bool] | None = None) -> list[tuple[nn.Module, bool]]:
         """``(block, ends_a_stage)`` in run order; ``replaced[j]`` picks student block j for stage j
@@ -257,6 +259,7 @@ class FusedCompressTrackerBackbone(CompressTrackerBackbone):
     constructor, keys and forward."""
 
     block_cls = FusedBlock
+    patch_embed_cls = FusedPatchEmbed
 
     @classmethod
     def from_reference(cls, ref_module: nn.Module) -> "FusedCompressTrackerBackbone":

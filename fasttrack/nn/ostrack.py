@@ -40,7 +40,8 @@ from fasttrack.nn.ce import (Scorer, active_ratio, ce_query_index, check_index, 
 from fasttrack.nn.onestream import FusedOneStreamTracker, OneStreamTracker
 from fasttrack.nn.head import CenterPredictor, FusedCenterPredictor
 from fasttrack.nn._recognizers import forward_params, probe_like, register_recognizer
-from fasttrack.nn.vit import (Block, FusedBlock, PatchEmbed, identity_like, block_dim, fused_vit_block, init_vit_weights,
+from fasttrack.nn.vit import (Block, FusedBlock, FusedPatchEmbed, PatchEmbed, identity_like, patch_tokens, block_dim,
+                              fused_vit_block, init_vit_weights,
                               share_block_parts, vit_block_parts)
 from fasttrack.ops import pad_scatter
 
@@ -201,7 +202,7 @@ class VisionTransformerCE(nn.Module):
             got = list(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"`z` must be an image [B, 3, {self.feat_sz_z * self.patch_size}, "
                              f"{self.feat_sz_z * self.patch_size}] (the size pos_embed_z was built for), got {got}")
-        return self.patch_embed(z) + self.pos_embed_z
+        return patch_tokens(self.patch_embed, z, self.pos_embed_z)
 
     def _embed(self, z, x, z_tokens=None):
         if x.dim() != 4 or (z_tokens is None and z.dim() != 4):
@@ -213,7 +214,7 @@ class VisionTransformerCE(nn.Module):
                              f"{self.feat_sz_x * self.patch_size} px "
                              f"(the sizes pos_embed_z / pos_embed_x were built for), got "
                              f"{None if z is None else z.shape[-1]} / {x.shape[-1]}")
-        x = self.patch_embed(x) + self.pos_embed_x
+        x = patch_tokens(self.patch_embed, x, self.pos_embed_x)
         z = self.embed_template(z) if z_tokens is None else z_tokens
         tokens = torch.cat([z, x], dim=1)
         return tokens if identity_like(self.pos_drop) else self.pos_drop(tokens)
@@ -259,8 +260,9 @@ class FusedVisionTransformerCE(VisionTransformerCE):
         nn.Module.__init__(m)
         for k in ("patch_size", "embed_dim", "num_features", "feat_sz_z", "feat_sz_x", "ce_loc"):
             setattr(m, k, getattr(ref, k))
-        for k in ("patch_embed", "pos_drop", "norm"):
+        for k in ("pos_drop", "norm"):
             setattr(m, k, getattr(ref, k))
+        m.patch_embed = FusedPatchEmbed.from_reference(ref.patch_embed)
         for k in ("cls_token", "pos_embed", "pos_embed_z", "pos_embed_x"):
             setattr(m, k, getattr(ref, k))
         m.blocks = nn.Sequential(*[FusedCEBlock.from_reference(b) for b in ref.blocks])

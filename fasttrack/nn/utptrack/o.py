@@ -17,7 +17,7 @@ from fasttrack.nn.onestream import OneStreamTracker
 from fasttrack.nn._recognizers import forward_params, probe_like, register_recognizer
 from fasttrack.ops import pad_scatter
 from fasttrack.nn.vit import (
-    Block, FusedBlock, PatchEmbed, block_dim, fused_vit_block,
+    Block, FusedBlock, FusedPatchEmbed, PatchEmbed, block_dim, fused_vit_block, patch_tokens,
     init_vit_weights, share_block_parts, vit_block_parts,
 )
 from fasttrack.nn.utptrack.pruning import PRUNING_ARGS, UTPTRACK_O_LOCS, block_outputs, probe_index, prune_groups
@@ -166,7 +166,7 @@ class UTPTrackOViT(nn.Module):
     def embed_template(self, template):
         """Patch + positional embedding of one template image ``[B, Lz, C]``: search-independent,
         so `UTPTrackO.track` can reuse it across frames."""
-        return self.patch_embed(template) + self.pos_embed_z
+        return patch_tokens(self.patch_embed, template, self.pos_embed_z)
 
     def _blocks(self, x, sz, dz, ce_template_mask, z_indicate_mask):
         B, lx, lz = x.shape[0], x.shape[1], sz.shape[1]
@@ -194,7 +194,7 @@ class UTPTrackOViT(nn.Module):
     def forward_embedded(self, x_img, sz, dz, ce_template_mask=None, z_indicate_mask=None):
         """The backbone after template embedding: ``sz`` / ``dz`` are `embed_template` outputs."""
         self._check_image("search", x_img, self.feat_sz_x)
-        x = self.patch_embed(x_img) + self.pos_embed_x
+        x = patch_tokens(self.patch_embed, x_img, self.pos_embed_x)
         tokens, gi_x, gi_sz, gi_dz, removed = self._blocks(x, sz, dz, ce_template_mask, z_indicate_mask)
         lx = gi_x.shape[1]
         xs = tokens[:, :lx]
@@ -221,9 +221,10 @@ class FusedUTPTrackOViT(UTPTrackOViT):
             raise TypeError(f"{cls.__name__}.from_reference: `ref` must be a UTPTrackOViT, got {type(ref).__name__}")
         m = cls.__new__(cls)
         nn.Module.__init__(m)
-        for k in ("patch_size", "embed_dim", "feat_sz_z", "feat_sz_x", "ce_loc", "patch_embed", "norm",
+        for k in ("patch_size", "embed_dim", "feat_sz_z", "feat_sz_x", "ce_loc", "norm",
                   "cls_token", "pos_embed", "pos_embed_z", "pos_embed_x"):
             setattr(m, k, getattr(ref, k))
+        m.patch_embed = FusedPatchEmbed.from_reference(ref.patch_embed)
         m.blocks = nn.Sequential(*[FusedUTPTrackOBlock.from_reference(b) for b in ref.blocks])
         m.train(ref.training)
         return m
