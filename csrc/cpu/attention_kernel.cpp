@@ -66,47 +66,46 @@ bool cpu_has_bf16_dot() {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma")
 #endif
 
-// C[MR x 64] (row stride ldc) = A[MR x K] · B[K x 64] (row strides lda, ldb), fp32.
-template <int MR>
-void tile_f32(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K, float* C, int64_t ldc) {
+// The micro-kernels' element types. Fp32: A and B float, one FMA per k. Bf16: A bf16 read as pairs,
+// B as pairs of rows (uint32: B[p][j] = (b[2p][j], b[2p+1][j])), one vdpbf16ps per pair of k.
+struct Fp32Dot {
+  using A = float;
+  using B = float;
+  static constexpr int kAStep = 1;  // A elements per k step
+  static __m512 load_b(const B* p) { return _mm512_loadu_ps(p); }
+  static __m512 broadcast_a(const A* p) { return _mm512_set1_ps(*p); }
+  static __m512 dot(__m512 acc, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+struct Bf16Dot {
+  using A = uint16_t;
+  using B = uint32_t;
+  static constexpr int kAStep = 2;
+  static __m512bh load_b(const B* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static __m512bh broadcast_a(const A* p) {
+    int32_t pair;
+    std::memcpy(&pair, p, sizeof(pair));
+    return (__m512bh)_mm512_set1_epi32(pair);
+  }
+  static __m512 dot(__m512 acc, __m512bh a, __m512bh b) { return _mm512_dpbf16_ps(acc, a, b); }
+};
+
+// C[MR x 64] (row stride ldc, fp32) = A[MR x K] · B[K x 64] (row strides lda, ldb, in elements of
+// their type); K counts Dot's k steps (pairs for bf16).
+template <typename Dot, int MR>
+void tile(const typename Dot::A* A, int64_t lda, const typename Dot::B* B, int64_t ldb, int64_t K, float* C,
+          int64_t ldc) {
   __m512 acc[MR][4];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const float* b = B + k * ldb;
-    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32),
-                 b3 = _mm512_loadu_ps(b + 48);
+    const typename Dot::B* b = B + k * ldb;
+    const auto b0 = Dot::load_b(b), b1 = Dot::load_b(b + 16), b2 = Dot::load_b(b + 32), b3 = Dot::load_b(b + 48);
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
-      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(a, b2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(a, b3, acc[r][3]);
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(C + r * ldc + 16 * c, acc[r][c]);
-}
-
-// The same over bf16 pairs: A[MR x 2·Kp] bf16 (row stride lda elements), B[Kp x 64] pairs (uint32:
-// B[p][j] = (b[2p][j], b[2p+1][j]), row stride ldb), C fp32.
-template <int MR>
-void tile_bf16(const uint16_t* A, int64_t lda, const uint32_t* B, int64_t ldb, int64_t Kp, float* C, int64_t ldc) {
-  __m512 acc[MR][4];
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < Kp; ++p) {
-    const uint32_t* b = B + p * ldb;
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 16),
-                   b2 = (__m512bh)_mm512_loadu_si512(b + 32), b3 = (__m512bh)_mm512_loadu_si512(b + 48);
-    for (int r = 0; r < MR; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, A + r * lda + 2 * p, sizeof(pair));
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
-      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, b2);
-      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, b3);
+      const auto a = Dot::broadcast_a(A + r * lda + Dot::kAStep * k);
+      acc[r][0] = Dot::dot(acc[r][0], a, b0);
+      acc[r][1] = Dot::dot(acc[r][1], a, b1);
+      acc[r][2] = Dot::dot(acc[r][2], a, b2);
+      acc[r][3] = Dot::dot(acc[r][3], a, b3);
     }
   }
   for (int r = 0; r < MR; ++r)
@@ -235,8 +234,8 @@ void head_f32(const float* q, const float* k, const float* v, int64_t ld, int64_
     const int64_t mb = std::min(kRowBlock, N - i0);
     for_row_tiles(mb, [&](int64_t r, auto rows) {
       for (int64_t j0 = 0; j0 < Np; j0 += 64)
-        tile_f32<decltype(rows)::value>(q + (i0 + r) * ld, ld, w.kt.data() + j0, Np, kHeadDim, w.s.data() + r * Np + j0,
-                                        Np);
+        tile<Fp32Dot, decltype(rows)::value>(q + (i0 + r) * ld, ld, w.kt.data() + j0, Np, kHeadDim,
+                                             w.s.data() + r * Np + j0, Np);
     });
     for (int64_t r = 0; r < mb; ++r) {
       float* row = w.s.data() + r * Np;
@@ -244,7 +243,7 @@ void head_f32(const float* q, const float* k, const float* v, int64_t ld, int64_
     }
     for_row_tiles(mb, [&](int64_t r, auto rows) {
       constexpr int MR = decltype(rows)::value;
-      tile_f32<MR>(w.s.data() + r * Np, Np, v, ld, N, w.tile, kHeadDim);
+      tile<Fp32Dot, MR>(w.s.data() + r * Np, Np, v, ld, N, w.tile, kHeadDim);
       for (int rr = 0; rr < MR; ++rr) store_row(w.tile + rr * kHeadDim, inv_sum[r + rr], o + (i0 + r + rr) * ldo);
     });
   }
@@ -278,13 +277,13 @@ void head_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t 
     const int64_t mb = std::min(kRowBlock, N - i0);
     for_row_tiles(mb, [&](int64_t r, auto rows) {
       for (int64_t j0 = 0; j0 < Np; j0 += 64)
-        tile_bf16<decltype(rows)::value>(q + (i0 + r) * ld, ld, w.k_pairs.data() + j0, Np, kHeadDim / 2,
-                                         w.s.data() + r * Np + j0, Np);
+        tile<Bf16Dot, decltype(rows)::value>(q + (i0 + r) * ld, ld, w.k_pairs.data() + j0, Np, kHeadDim / 2,
+                                             w.s.data() + r * Np + j0, Np);
     });
     for (int64_t r = 0; r < mb; ++r) inv_sum[r] = 1.f / softmax_row(w.s.data() + r * Np, N, scale, w.p.data() + r * N2);
     for_row_tiles(mb, [&](int64_t r, auto rows) {
       constexpr int MR = decltype(rows)::value;
-      tile_bf16<MR>(w.p.data() + r * N2, N2, w.v_pairs.data(), kHeadDim, N2 / 2, w.tile, kHeadDim);
+      tile<Bf16Dot, MR>(w.p.data() + r * N2, N2, w.v_pairs.data(), kHeadDim, N2 / 2, w.tile, kHeadDim);
       for (int rr = 0; rr < MR; ++rr) store_row(w.tile + rr * kHeadDim, inv_sum[r + rr], o + (i0 + r + rr) * ldo);
     });
   }
