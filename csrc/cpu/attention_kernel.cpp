@@ -225,8 +225,8 @@ inline void store_row(const float* tile, float inv_sum, uint16_t* o) {
 void head_f32(const float* q, const float* k, const float* v, int64_t ld, int64_t N, float scale, float* o, int64_t ldo,
               Workspace& w) {
   const int64_t Np = round_up(N, 64);
+  // columns past round_up(N, 16) hold zeros or an earlier head's k: their scores are never read
   w.kt.resize(kHeadDim * Np);
-  std::fill(w.kt.begin(), w.kt.end(), 0.f);  // the columns past round_up(N, 16)
   transpose_u32(reinterpret_cast<const uint32_t*>(k), ld, N, kHeadDim, reinterpret_cast<uint32_t*>(w.kt.data()), Np);
   w.s.resize(kRowBlock * Np);
   float inv_sum[kRowBlock];
@@ -252,8 +252,7 @@ void head_f32(const float* q, const float* k, const float* v, int64_t ld, int64_
 void head_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t ld, int64_t N, float scale, uint16_t* o,
                int64_t ldo, Workspace& w) {
   const int64_t Np = round_up(N, 64), N2 = round_up(N, 2);
-  w.k_pairs.resize(kHeadDim / 2 * Np);
-  std::fill(w.k_pairs.begin(), w.k_pairs.end(), 0u);
+  w.k_pairs.resize(kHeadDim / 2 * Np);  // columns past round_up(N, 16): as head_f32's kt
   // ld is even (3·C), so each row's pairs are 32-bit aligned with the row
   transpose_u32(reinterpret_cast<const uint32_t*>(k), ld / 2, N, kHeadDim / 2, w.k_pairs.data(), Np);
   w.v_pairs.resize(N2 / 2 * kHeadDim);
@@ -271,7 +270,7 @@ void head_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t 
     }
   }
   w.s.resize(kRowBlock * Np);
-  w.p.assign(kRowBlock * N2, 0);  // an odd N's pad column stays 0: it pairs with v_pairs' zero row
+  w.p.resize(kRowBlock * N2);
   float inv_sum[kRowBlock];
   for (int64_t i0 = 0; i0 < N; i0 += kRowBlock) {
     const int64_t mb = std::min(kRowBlock, N - i0);
@@ -280,7 +279,10 @@ void head_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t 
         tile<Bf16Dot, decltype(rows)::value>(q + (i0 + r) * ld, ld, w.k_pairs.data() + j0, Np, kHeadDim / 2,
                                              w.s.data() + r * Np + j0, Np);
     });
-    for (int64_t r = 0; r < mb; ++r) inv_sum[r] = 1.f / softmax_row(w.s.data() + r * Np, N, scale, w.p.data() + r * N2);
+    for (int64_t r = 0; r < mb; ++r) {
+      inv_sum[r] = 1.f / softmax_row(w.s.data() + r * Np, N, scale, w.p.data() + r * N2);
+      if (N2 != N) w.p[r * N2 + N] = 0;  // an odd N's pad column pairs with v_pairs' zero row: 0, not an old NaN
+    }
     for_row_tiles(mb, [&](int64_t r, auto rows) {
       constexpr int MR = decltype(rows)::value;
       tile<Bf16Dot, MR>(w.p.data() + r * N2, N2, w.v_pairs.data(), kHeadDim, N2 / 2, w.tile, kHeadDim);
