@@ -16,10 +16,10 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from fasttrack import reference
 from fasttrack.info import cpu_line
+from fasttrack.nn.vit import FusedAttention
 from fasttrack.ops import attention_core
 from fasttrack.ops.attention import fast_path_serves
 
@@ -28,27 +28,14 @@ SHAPES = [("ostrack256", 1, 320, 768, 12), ("ce-244", 1, 244, 768, 12), ("ce-153
           ("ostrack384", 1, 720, 768, 12), ("ostrack256/B8", 8, 320, 768, 12), ("vit-s", 1, 320, 384, 6)]
 
 
-def _split(qkv, H):
-    B, N, C3 = qkv.shape
-    return qkv.reshape(B, N, 3, H, C3 // (3 * H)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 def providers(qkv, H, scale):
-    def kernel():
-        return attention_core(qkv, H, scale)
-
-    def sdpa():
-        q, k, v = _split(qkv, H)
-        o = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
-
-    def explicit():   # FusedAttention._fast_explicit
-        q, k, v = _split(qkv, H)
-        attn = (q.contiguous() * scale) @ k.contiguous().transpose(-2, -1)
-        attn = torch.softmax(attn, dim=-1, out=attn)
-        return (attn @ v.contiguous()).transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
-
-    return {"kernel": kernel, "sdpa": sdpa, "explicit": explicit,
+    """The kernel, and the two cores of `FusedAttention` it replaces, each with the module's own split
+    and merge around it, and the eager spec."""
+    m = FusedAttention(qkv.shape[-1] // 3, H).eval()
+    m.scale = scale
+    return {"kernel": lambda: attention_core(qkv, H, scale),
+            "sdpa": lambda: m._sdpa(*m._split(qkv), None),
+            "explicit": lambda: m._fast_explicit(*m._split(qkv), None)[0],
             "reference": lambda: reference.attention(qkv, H, scale)}
 
 
