@@ -301,6 +301,26 @@ def test_fused_head_matches_reference(B):
         assert_close(fused(view)[1], ref(view.contiguous())[1], scale=20)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fused_head_packed_convolutions(dtype):
+    """fp32 / bf16 run every stage on oneDNN-packed weights (`packable`), float64 on `F.conv2d`;
+    both against the float64 reference, within the dtype's tolerance."""
+    import copy
+    from fasttrack.nn.linear import packable
+    ref = helpers.randomise(CenterPredictor(DIM, 256, 16, 16)).eval()
+    fused = FusedCenterPredictor.from_reference(copy.deepcopy(ref).to(dtype)).eval()
+    x = torch.randn(3, DIM, 16, 16)
+    with torch.no_grad():
+        expected = ref.double()(x.double())
+        out = fused(x.to(dtype))
+    packed = [p is not None for *_, p in fused._folded_weights(dtype)]
+    want = packable(x.to(dtype), torch.empty(1, dtype=dtype), None)
+    assert packed == [want] * 5
+    assert want == (dtype != torch.float64 and torch.backends.mkldnn.is_available())
+    for a, b in zip(out, expected):
+        assert_close(a.double(), b, dtype=dtype, scale=2)
+
+
 def test_fused_head_dispatch_rule_and_cache():
     ref = helpers.randomise(CenterPredictor(64, 32, 8, 16)).eval()
     fused = FusedCenterPredictor.from_reference(ref).eval()

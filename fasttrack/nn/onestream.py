@@ -38,7 +38,7 @@ class OneStreamTracker(TransientState, nn.Module):
 
     # The reference head gets what the official forward_head gives it, a contiguous NCHW map (a
     # strided view changes the convolution algorithm at B > 1: outputs off by ~3e-6); the fused head
-    # reads the tokens as a channels-last map, which its im2col GEMM wants anyway.
+    # reads the tokens as a channels-last map, which its packed convolutions want anyway.
     _head_channels_last = False
     _transient = ("_track_z", "_track_graph")
 
@@ -110,6 +110,6 @@ class OneStreamTracker(TransientState, nn.Module):
 
 class FusedOneStreamTracker(OneStreamTracker):
     """`OneStreamTracker` with a fused backbone and head: the head reads the tokens as a
-    channels-last map (what the fused head's im2col GEMM wants)."""
+    channels-last map (what the fused head's packed convolutions want)."""
 
     _head_channels_last = True
