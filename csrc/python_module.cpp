@@ -15,6 +15,7 @@
 #include <fasttrack/content_stamp.h>
 #include <fasttrack/cpu_isa.h>
 #include <fasttrack/output_cache.h>
+#include <fasttrack/vit_block.h>
 
 #include <string>
 #include <type_traits>
@@ -55,6 +56,43 @@ struct CpuKernel<Ret(Args...)> {
 using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 using Selection = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+using fasttrack::vit::LayerNormArgs;
+using fasttrack::vit::LinearArgs;
+
+// fasttrack.nn.vit.FusedBlock's native inference path (fasttrack/vit_block.h): flat arguments, one
+// profiler event per call around the ops' own.
+void def_vit_block(py::module_& m) {
+  m.def(
+      "vit_attn_residual",
+      [](const Tensor& x, const OptTensor& n1w, const OptTensor& n1b, double eps1, const Tensor& qkv_w,
+         const OptTensor& qkv_b, const Tensor& proj_w, const OptTensor& proj_b, int64_t num_heads, double scale) {
+        RECORD_FUNCTION("fasttrack::vit_attn_residual", std::vector<c10::IValue>());
+        return fasttrack::vit::attn_residual(x, LayerNormArgs{n1w, n1b, eps1}, LinearArgs{qkv_w, qkv_b},
+                                             LinearArgs{proj_w, proj_b}, num_heads, scale);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "vit_mlp_residual",
+      [](const Tensor& x, const OptTensor& n2w, const OptTensor& n2b, double eps2, const Tensor& fc1_w,
+         const OptTensor& fc1_b, const Tensor& fc2_w, const OptTensor& fc2_b) {
+        RECORD_FUNCTION("fasttrack::vit_mlp_residual", std::vector<c10::IValue>());
+        return fasttrack::vit::mlp_residual(x, LayerNormArgs{n2w, n2b, eps2}, LinearArgs{fc1_w, fc1_b},
+                                            LinearArgs{fc2_w, fc2_b});
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "vit_block",
+      [](const Tensor& x, const OptTensor& n1w, const OptTensor& n1b, double eps1, const Tensor& qkv_w,
+         const OptTensor& qkv_b, const Tensor& proj_w, const OptTensor& proj_b, int64_t num_heads, double scale,
+         const OptTensor& n2w, const OptTensor& n2b, double eps2, const Tensor& fc1_w, const OptTensor& fc1_b,
+         const Tensor& fc2_w, const OptTensor& fc2_b) {
+        RECORD_FUNCTION("fasttrack::vit_block", std::vector<c10::IValue>());
+        return fasttrack::vit::block(x, LayerNormArgs{n1w, n1b, eps1}, LinearArgs{qkv_w, qkv_b},
+                                     LinearArgs{proj_w, proj_b}, num_heads, scale, LayerNormArgs{n2w, n2b, eps2},
+                                     LinearArgs{fc1_w, fc1_b}, LinearArgs{fc2_w, fc2_b});
+      },
+      py::call_guard<py::gil_scoped_release>());
+}
 
 }  // namespace
 
@@ -65,6 +103,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", &fasttrack::cpu_isa_name, "Vector ISA of the CPU kernels: avx512, avx2 or baseline");
   m.def("content_stamp", &fasttrack::content_stamp,
         "A 64-bit stamp of a CPU tensor's content (a stripe of its elements: every row and every column)");
+  m.def(
+      "sources_key",
+      [](const std::vector<std::optional<at::Tensor>>& sources) { return py::bytes(fasttrack::sources_key(sources)); },
+      "The state of a cache's source tensors as bytes (fasttrack.nn.derived.Derived)");
   m.def(
       "attention_fast_path",
       [](py::object dtype, int64_t head_dim) {
@@ -88,4 +130,5 @@ PYBIND11_MODULE(_C, m) {
   CpuKernel<Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, double, bool)>::def(
       cpu, "_pruned_linear_gather");
   CpuKernel<Tensor(const Tensor&, int64_t, double)>::def(cpu, "_attention");
+  def_vit_block(cpu);
 }

@@ -196,3 +196,128 @@ def test_fused_patch_embed_rule_keys_and_weight_updates():
         assert_close(f(y), overlapping(y))
     with pytest.raises(TypeError, match="Conv2d `proj`"):
         FusedPatchEmbed.from_reference(nn.Linear(3, 4))
+
+
+# --------------------------------------------------------------------------------------------
+# The native block (one C++ call per half-block): bit-identical to the Python path, and its rule
+# --------------------------------------------------------------------------------------------
+import fasttrack.nn.vit as vit_mod  # noqa: E402
+from fasttrack import _extension  # noqa: E402
+from fasttrack.nn.vit import native_block_serves  # noqa: E402
+
+_NATIVE_BUILT = vit_mod._NATIVE is not None
+native_only = pytest.mark.skipif(not _NATIVE_BUILT, reason="fasttrack._C not built")
+
+
+def _python_path(fn, monkeypatch):
+    """``fn()`` with the native block switched off (the Python composition it must equal)."""
+    with monkeypatch.context() as m:
+        m.setattr(vit_mod, "_NATIVE", None)
+        return fn()
+
+
+@native_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,n", [(1, 320), (2, 153), (1, 720)])
+def test_native_block_is_the_python_path_bit_for_bit(dtype, B, n, monkeypatch):
+    fused = FusedBlock.from_reference(_block().to(dtype)).eval()
+    x = torch.randn(B, n, DIM).to(dtype)
+    with torch.no_grad():
+        assert native_block_serves(fused, x) == (vit_mod.fast_path_serves(dtype, 64), True)
+        got = (fused(x), *fused.attn_residual(x)[:3], fused.mlp_residual(x))
+        want = _python_path(lambda: (fused(x), *fused.attn_residual(x)[:3], fused.mlp_residual(x)), monkeypatch)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+@native_only
+def test_native_block_runs_where_it_serves():
+    """The profiler sees one `fasttrack::vit_block` event per plain block call and the two halves
+    where a caller needs q / k in between (CE)."""
+    from torch.profiler import ProfilerActivity, profile
+    fused = FusedBlock.from_reference(_block()).eval()
+    x = torch.randn(1, 64, DIM)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fused(x)
+        y, q, k, amap = fused.attn_residual(x)
+        fused.mlp_residual(y)
+    names = [e.name for e in prof.events()]
+    assert names.count("fasttrack::vit_block") == 1
+    assert names.count("fasttrack::vit_attn_residual") == 1 and names.count("fasttrack::vit_mlp_residual") == 1
+    assert amap is None and q.shape == k.shape == (1, HEADS, 64, DIM // HEADS)
+
+
+@native_only
+def test_native_block_rule(monkeypatch):
+    from fasttrack.backend import use_backend
+    fused = FusedBlock.from_reference(_block()).eval()
+    x = torch.randn(2, 50, DIM)
+    serves = lambda m=fused, t=x, mask=None: native_block_serves(m, t, mask)  # noqa: E731
+    assert not any(serves())                                 # grad mode on, parameters require grad
+    with torch.no_grad():
+        assert serves() == (True, True)
+        assert serves(mask=torch.zeros(2, 50, dtype=torch.bool)) == (False, True)
+        assert serves(t=x.transpose(0, 1).contiguous().transpose(0, 1)) == (False, False)   # not contiguous
+        assert serves(t=x.double()) == (False, False)                                      # no packed float64
+        assert serves(t=x[0]) == (False, False)                                             # not [B, N, C]
+        with use_backend("reference"):
+            assert serves() == (False, False)
+        heads = FusedBlock.from_reference(helpers.randomise(Block(DIM, 8, qkv_bias=True)).eval()).eval()
+        assert serves(heads) == (False, True)                 # head dim 96: the kernel's vectorised path is 64
+        tanh = FusedBlock.from_reference(_block(act_layer=lambda: nn.GELU(approximate="tanh"))).eval()
+        assert serves(tanh) == (True, False)
+        ln = FusedBlock.from_reference(_block()).eval()
+        ln.norm2 = type("MyNorm", (nn.LayerNorm,), {})(DIM)   # a LayerNorm subclass may compute otherwise
+        assert serves(ln) == (True, False)
+        ln.norm1 = nn.LayerNorm(DIM + 1)
+        assert serves(ln) == (False, False)
+        nobias = FusedBlock.from_reference(helpers.randomise(Block(DIM, HEADS, qkv_bias=False)).eval()).eval()
+        assert serves(nobias) == (True, True)
+        y = nobias(x)
+        torch.testing.assert_close(y, _python_path(lambda: nobias(x), monkeypatch), rtol=0, atol=0)
+        drop = FusedBlock.from_reference(_block(drop_path=0.1)).eval()
+        assert serves(drop) == (True, True)                   # eval: drop-path inactive
+        drop.train()
+        assert serves(drop) == (False, False)
+        drop.eval()
+        drop.attn.attn_drop.train()
+        drop.attn.attn_drop.p = 0.2
+        drop.attn.train()
+        assert serves(drop) == (False, True)
+    with torch.inference_mode():
+        assert serves() == (True, True)
+
+
+def test_native_block_needs_the_extension(monkeypatch):
+    monkeypatch.setattr(vit_mod, "_NATIVE", None)
+    fused = FusedBlock.from_reference(_block()).eval()
+    with torch.no_grad():
+        assert native_block_serves(fused, torch.randn(1, 8, DIM)) == (False, False)
+    assert _NATIVE_BUILT == _extension.loaded
+
+
+@native_only
+def test_native_block_raw_calls_refuse_bad_input():
+    """Called directly with the wrong tensors, the native functions raise; nothing crashes."""
+    C = vit_mod._NATIVE
+    fused = FusedBlock.from_reference(_block()).eval()
+    x = torch.randn(1, 10, DIM)
+    with torch.no_grad():
+        args = vit_mod._native_attn_args(fused, x)
+        margs = vit_mod._native_mlp_args(fused, x)
+        with pytest.raises(ValueError, match="`x` must be a contiguous"):
+            C.vit_attn_residual(x[0], *args)
+        with pytest.raises(ValueError, match="`x` must be a contiguous"):
+            C.vit_mlp_residual(x.transpose(1, 2), *margs)
+        with pytest.raises(ValueError, match="`x` must be floating"):
+            C.vit_block(x.long(), *args, *margs)
+        with pytest.raises(RuntimeError):
+            C.vit_attn_residual(torch.randn(1, 10, DIM + 8), *args)   # the GEMM refuses the width
+        bad = list(args)
+        bad[3:5] = margs[3:5]                                 # fc1's 768 -> 3072 weight as qkv
+        with pytest.raises(ValueError, match="qkv"):
+            C.vit_attn_residual(x, *bad)
+        bad = list(args)
+        bad[-2] = 0
+        with pytest.raises(ValueError, match="num_heads"):
+            C.vit_attn_residual(x, *bad)

@@ -126,6 +126,47 @@ def test_ema_update_through_data_reaches_fused_networks():
     assert res["feature_max_abs"] < 1e-3 and res["box_max_abs"] < 1e-4, res
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["sources_key", "python_key"])
+def test_derived_rebuilds_on_every_visible_change(native, monkeypatch):
+    """`Derived.get` hits while nothing changed and rebuilds after each kind of change its contract
+    names, with the C++ state (`_C.sources_key`) and with the Python one used without `_C`."""
+    from fasttrack.nn import derived
+    if native and not _extension.loaded:
+        pytest.skip("fasttrack._C not built")
+    if not native:
+        monkeypatch.setattr(derived._extension, "loaded", False)
+    big = nn.Parameter(torch.randn(300, 40))               # > 4096 elements: sampled
+    small = torch.randn(7).to(torch.bfloat16)              # 14 bytes: one word and a 6-byte tail
+    cache, builds = derived.Derived(), []
+
+    def get(*sources):
+        return cache.get(sources, lambda: builds.append(1) or len(builds))
+
+    assert get(big, small, None) == 1 and get(big, small, None) == 1
+    with torch.no_grad():
+        big.mul_(2)                                         # version counter
+    assert get(big, small, None) == 2
+    assert get(big, small) == 3                             # one source fewer
+    assert get(big, None, small) == 4                       # another order
+    assert get(big, small.clone(), None) == 5               # a new tensor, same values
+    s2 = small.clone()
+    assert get(big, s2, None) == 6 and get(big, s2, None) == 6
+    assert get(big, s2.float(), None) == 7                  # dtype
+    assert get(big.t(), s2, None) == 8                      # strides
+    assert get(big, s2, None) == 9
+    if native:                                              # the content stamp: writes .data hides
+        s2.data[6] = 5.0                                    # the last element, in the tail bytes
+        assert get(big, s2, None) == 10
+        big.data[100:160].fill_(0.5)                        # a run of > numel / 255 elements
+        assert get(big, s2, None) == 11
+        big.data.mul_(0.9)                                  # every element (an EMA step)
+        assert get(big, s2, None) == 12
+        assert get(big, s2, None) == 12
+    with torch.inference_mode():
+        inf = torch.randn(5)
+    assert get(inf) == len(builds) and get(inf) == len(builds)   # inference tensors have no version
+
+
 def test_refresh_drops_every_derived_cache():
     from fasttrack import zoo
     from fasttrack.nn.derived import refresh

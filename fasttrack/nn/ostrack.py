@@ -121,6 +121,9 @@ class FusedCEBlock(FusedBlock):
             y, attn = self.attn(self.norm1(x), mask, True)
             x = x + self.drop_path(y)
             scorer = Scorer(attn=attn)
+        elif active_ratio(self.keep_ratio_search, keep_ratio_search) is None:
+            # no elimination in this block: the plain block (one native call where it serves)
+            return FusedBlock.forward(self, x), global_index_template, global_index_search, None, None
         else:
             x, q, k, amap = self.attn_residual(x)
             # the map exists when the explicit core ran (bf16 on CPU): scoring it is cheaper

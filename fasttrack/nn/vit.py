@@ -31,12 +31,15 @@ from torch import nn
 from fasttrack.nn._recognizers import forward_params, is_linear, has_attrs, probe_like, register_recognizer
 from fasttrack.nn.init import trunc_normal_
 from fasttrack.nn.derived import Derived
+from fasttrack import _extension
 from fasttrack.nn.linear import FastLinear, packable, packed_linear
+from fasttrack.ops._registry import calls_cpu_kernel
 from fasttrack.ops.attention import attention_core, fast_path_serves
 
 __all__ = ["PatchEmbed", "FusedPatchEmbed", "patch_tokens",
            "init_vit_weights", "DropPath", "Mlp", "Attention", "Block", "FusedMlp", "FusedAttention",
-           "FusedBlock", "linear_gelu", "linear_add", "sdpa_is_faster", "attention_kernel_serves"]
+           "FusedBlock", "linear_gelu", "linear_add", "sdpa_is_faster", "attention_kernel_serves",
+           "native_block_serves"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,6 +468,93 @@ class FusedAttention(nn.Module):
         return self.proj_drop(self.proj(o)), q, k, attn
 
 
+# --------------------------------------------------------------------------------------------
+# The fused block's native inference path: one C++ call per half-block
+# --------------------------------------------------------------------------------------------
+def _native_module():
+    cpu = getattr(_extension._C, "cpu", None) if _extension.loaded else None
+    return cpu if cpu is not None and hasattr(cpu, "vit_block") else None
+
+
+_NATIVE = _native_module()
+
+
+def _layer_norm_args(norm: nn.Module, C: int):
+    if type(norm) is not nn.LayerNorm or norm.normalized_shape != (C,):
+        return None
+    return norm.weight, norm.bias, norm.eps
+
+
+def _packed_args(linear: nn.Module, x: torch.Tensor, in_features: int, out_features: int | None):
+    if (type(linear) is not FastLinear or linear.in_features != in_features
+            or (out_features is not None and linear.out_features != out_features)):
+        return None
+    weight, bias = linear.weight, linear.bias
+    if not packable(x, weight, bias):
+        return None
+    return linear._packed.get(weight), bias
+
+
+def _native_common(block: nn.Module, x: torch.Tensor, mask) -> bool:
+    return (_NATIVE is not None and mask is None and x.dim() == 3 and x.is_contiguous()
+            and identity_like(block._modules.get("drop_path")) and calls_cpu_kernel("_attention", x))
+
+
+def _native_attn_args(block: nn.Module, x: torch.Tensor, mask=None) -> tuple | None:
+    """`fasttrack._C.cpu.vit_attn_residual`'s arguments after x, or None (`native_block_serves`)."""
+    if not _native_common(block, x, mask):
+        return None
+    attn = block._modules["attn"]
+    if (type(attn) is not FusedAttention or (attn.training and attn.attn_drop.p > 0)
+            or not identity_like(attn.proj_drop)):
+        return None
+    C, H = x.shape[2], attn.num_heads
+    if C % H or not fast_path_serves(x.dtype, C // H):
+        return None
+    norm = _layer_norm_args(block._modules["norm1"], C)
+    qkv = _packed_args(attn.qkv, x, C, 3 * C)
+    proj = _packed_args(attn.proj, x, C, C)
+    if norm is None or qkv is None or proj is None:
+        return None
+    return (*norm, *qkv, *proj, H, attn.scale)
+
+
+def _native_mlp_args(block: nn.Module, x: torch.Tensor) -> tuple | None:
+    """`fasttrack._C.cpu.vit_mlp_residual`'s arguments after x, or None (`native_block_serves`)."""
+    if not _native_common(block, x, None):
+        return None
+    mlp = block._modules["mlp"]
+    if type(mlp) is not FusedMlp or not identity_like(mlp.drop) or not is_exact_gelu(mlp.act):
+        return None
+    C = x.shape[2]
+    norm = _layer_norm_args(block._modules["norm2"], C)
+    fc1 = _packed_args(mlp.fc1, x, C, None)
+    fc2 = None if fc1 is None else _packed_args(mlp.fc2, x, mlp.fc1.out_features, C)
+    if norm is None or fc2 is None:
+        return None
+    return (*norm, *fc1, *fc2)
+
+
+def native_block_serves(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[bool, bool]:
+    """The dispatch rule of `FusedBlock`'s native inference path, per half: ``(attention half, MLP
+    half)``. A half runs as one C++ call (`fasttrack._C.cpu.vit_attn_residual` /
+    ``vit_mlp_residual``, both: ``vit_block``) — the same registered ops the Python path runs, in
+    the same order, so the output is bit-identical — when:
+    - `fasttrack._C` is loaded, and the `_attention` op call would run its C++ CPU kernel directly
+      (`fasttrack.ops._registry.calls_cpu_kernel`: backend auto / native, a plain CPU tensor, no
+      gradient, tracing, dispatch mode or functorch transform);
+    - x is a contiguous ``[B, N, C]``, no key mask, drop-path / dropouts inactive (eval or p = 0);
+    - the norm is exactly `nn.LayerNorm` over C; the linears are `FastLinear` taking the packed path
+      (`fasttrack.nn.linear.packable`), sized C -> 3C -> C (attention) and C -> hidden -> C (MLP);
+    - attention: the kernel's vectorised path serves dtype and head dim (`fast_path_serves`);
+      MLP: the activation is the exact (erf) `nn.GELU`.
+    Otherwise that half runs in Python as before. The gain is the Python between the ops (module
+    calls, wrappers, argument checks): OSTrack-256 block, 320 tokens, one Zen 4 core, bf16,
+    interleaved medians: 26.1 ms through the modules vs 25.7 calling the same ops from one Python
+    function."""
+    return _native_attn_args(block, x, mask) is not None, _native_mlp_args(block, x) is not None
+
+
 class FusedBlock(nn.Module):
     """`Block` with `FusedAttention` / `FusedMlp`; residual adds fused into proj / fc2 when
     drop-path is the identity (eval, or drop_path=0). Same constructor, keys and forward."""
@@ -485,13 +575,22 @@ class FusedBlock(nn.Module):
         return m
 
     def attn_residual(self, x, mask=None):
-        """``(x + drop_path(attn(norm1(x))), q, k, attn map or None)`` (`FusedAttention.forward_qk`)."""
+        """``(x + drop_path(attn(norm1(x))), q, k, attn map or None)`` (`FusedAttention.forward_qk`;
+        one C++ call where `native_block_serves`)."""
+        args = _native_attn_args(self, x, mask)
+        if args is not None:
+            y, qkv = _NATIVE.vit_attn_residual(x, *args)
+            q, k, _ = self.attn._split(qkv)
+            return y, q, k, None
         if identity_like(self.drop_path):
             return self.attn.forward_qk(self.norm1(x), mask, residual=x)
         y, q, k, attn = self.attn.forward_qk(self.norm1(x), mask)
         return x + self.drop_path(y), q, k, attn
 
     def mlp_residual(self, x):
+        args = _native_mlp_args(self, x)
+        if args is not None:
+            return _NATIVE.vit_mlp_residual(x, *args)
         if identity_like(self.drop_path):
             return self.mlp.forward_add(self.norm2(x), x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -504,6 +603,11 @@ class FusedBlock(nn.Module):
             y, attn = self.attn(self.norm1(x), mask, True)
             x = x + self.drop_path(y)
         else:
+            args = _native_attn_args(self, x, mask)
+            if args is not None:
+                margs = _native_mlp_args(self, x)
+                if margs is not None:   # the whole block in one call
+                    return _NATIVE.vit_block(x, *args, *margs)
             x = self.attn_residual(x, mask)[0]
             attn = None
         x = self.mlp_residual(x)

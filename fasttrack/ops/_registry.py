@@ -157,8 +157,7 @@ def dispatch(name: str, *args):
     as a tracker-sized kernel). Every other path checks first."""
     op = REGISTRY[name]
     backend = current_backend()
-    if backend != "reference" and not (backend == "triton" and op.triton is not None) \
-            and _plain_cpu_inference(args) and op.cpu_kernel is not None:  # is_compiling first
+    if _calls_cpu_kernel(op, backend, args):
         try:
             return op.cpu_kernel(*args)
         except Exception:
@@ -177,6 +176,18 @@ def dispatch(name: str, *args):
     if _plain_cpu_inference(args):  # no _C: the Python-defined schema and reference kernel
         return op.overload.redispatch(_CPU_KEYS, *args)
     return op.packet(*args)
+
+
+def _calls_cpu_kernel(op: OpDef, backend: str, args) -> bool:
+    return (backend != "reference" and not (backend == "triton" and op.triton is not None)
+            and _plain_cpu_inference(args) and op.cpu_kernel is not None)   # is_compiling first
+
+
+def calls_cpu_kernel(name: str, *args) -> bool:
+    """Whether `dispatch(name, *args)` calls the op's C++ CPU kernel directly (a plain CPU inference
+    call on the auto / native backend, `_C` loaded): C++ code that calls the kernel itself (the
+    fused ViT block, `fasttrack.nn.vit.native_block_serves`) runs exactly what the op call would."""
+    return _calls_cpu_kernel(REGISTRY[name], current_backend(), args)
 
 
 _CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
