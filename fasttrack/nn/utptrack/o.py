@@ -89,6 +89,14 @@ class FusedUTPTrackOBlock(FusedBlock):
         if self.return_attention or mask is not None:
             y, attn = self.attn(self.norm1(x), mask, True)
             x, scorer = x + self.drop_path(y), Scorer(attn=attn)
+        elif all(active_ratio(own, given) is None for own, given in ((self.keep_ratio_x, keep_ratio_x),
+                                                                     (self.keep_ratio_dz, keep_ratio_dz),
+                                                                     (self.keep_ratio_sz, keep_ratio_sz))):
+            # nothing pruned in this block: `_prune` only checks the layout (it reads no token), then
+            # the plain block (one native call where it serves)
+            res = self._prune(x, None, global_index_sz, global_index_dz, global_index_x, ce_template_mask,
+                              keep_ratio_x, keep_ratio_dz, keep_ratio_sz, z_indicate_mask, ce_query_count)
+            return block_outputs((FusedBlock.forward(self, x),) + res[1:], None)
         else:
             x, q, k, amap = self.attn_residual(x)
             scorer = Scorer(attn=amap) if amap is not None else Scorer(q=q, k=k, scale=self.attn.scale)
