@@ -14,6 +14,7 @@
 #include <fasttrack/attention.h>
 #include <fasttrack/content_stamp.h>
 #include <fasttrack/cpu_isa.h>
+#include <fasttrack/layer_norm.h>
 #include <fasttrack/output_cache.h>
 #include <fasttrack/vit_block.h>
 
@@ -108,6 +109,12 @@ PYBIND11_MODULE(_C, m) {
       [](const std::vector<std::optional<at::Tensor>>& sources) { return py::bytes(fasttrack::sources_key(sources)); },
       "The state of a cache's source tensors as bytes (fasttrack.nn.derived.Derived)");
   m.def(
+      "layer_norm_fast_path",
+      [](py::object dtype) {
+        return fasttrack::layer_norm::fast_path_serves(torch::python::detail::py_object_to_dtype(dtype));
+      },
+      "Whether fasttrack::_layer_norm's vectorised CPU kernel serves this dtype on this CPU");
+  m.def(
       "attention_fast_path",
       [](py::object dtype, int64_t head_dim) {
         return fasttrack::attention::fast_path_serves(torch::python::detail::py_object_to_dtype(dtype), head_dim);
@@ -130,5 +137,6 @@ PYBIND11_MODULE(_C, m) {
   CpuKernel<Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, double, bool)>::def(
       cpu, "_pruned_linear_gather");
   CpuKernel<Tensor(const Tensor&, int64_t, double)>::def(cpu, "_attention");
+  CpuKernel<Tensor(const Tensor&, const OptTensor&, const OptTensor&, double)>::def(cpu, "_layer_norm");
   def_vit_block(cpu);
 }

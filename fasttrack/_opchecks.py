@@ -170,6 +170,19 @@ def attention(qkv, num_heads, scale):
         raise TypeError(f"fasttrack.{op}: `scale` must be a float, got {type(scale).__name__}")
 
 
+def layer_norm(x, weight, bias, eps):
+    """The internal op ``_layer_norm``: x floating with >= 1 dim, weight / bias ``[C]`` or None."""
+    op = "_layer_norm"
+    v.floating(x, op, "x")
+    if x.dim() < 1:
+        v.fail(op, "`x` must have at least 1 dim, got a scalar")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            v.floating(t, op, name, shape=(x.shape[-1],), device=x.device)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"fasttrack.{op}: `eps` must be a float, got {type(eps).__name__}")
+
+
 def _kept_dims(op, x, in_index):
     if in_index.shape[0] > x.shape[-1]:
         v.fail(op, f"`in_index` keeps {in_index.shape[0]} dims but `x` has only d_in={x.shape[-1]}")

@@ -354,6 +354,16 @@ def attention(qkv, num_heads, scale):
     return (attn @ v).transpose(1, 2).reshape(B, N, C).to(qkv.dtype)
 
 
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last dim (the internal op ``_layer_norm``): ``(x - mean) / sqrt(var + eps)
+    · weight + bias`` with the biased variance, computed in the accumulation dtype (float32, float64
+    for float64) and rounded once to x's dtype; ``weight`` / ``bias`` ``[C]`` or None."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    w = None if weight is None else weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    return F.layer_norm(x.to(acc), (x.shape[-1],), w, b, eps).to(x.dtype)
+
+
 def masked_dense_linear(x, dense_weight, bias, mask):
     """ABTrack's statement of a pruned layer: ``(x · D) @ Wᵀ + b`` with ``D = diag(mask)``, a 0/1
     mask over ``d_in``. Equals `pruned_linear` with ``in_index = mask.nonzero()`` and the weight's

@@ -415,3 +415,43 @@ def test_fuzz_attention(data):
     qkv, heads, scale = data.draw(attention_inputs())
     _check_paths("_attention", attention_core, (qkv, int(heads), float(scale)), (qkv, heads, scale), grad_arg=0,
                  compare=_attention_compare)
+
+
+@st.composite
+def layer_norm_inputs(draw):
+    dims = draw(st.integers(0, 3))
+    C = draw(st.sampled_from([0, 1, 7, 16, 37, 64, 768]))
+    shape = tuple(draw(st.integers(0, 3)) for _ in range(max(dims - 1, 0))) + ((C,) if dims else ())
+    dtype = draw(st.sampled_from(FLOATS + [torch.int64]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    x = _strided(draw, (torch.randn(shape, generator=g) * 3 + 1).to(dtype))
+    if x.numel() and x.is_floating_point() and draw(st.booleans()):
+        _poke(x, draw(st.integers(0, x.numel() - 1)), draw(st.sampled_from([math.nan, math.inf, -math.inf])))
+
+    def affine():
+        kind = draw(st.sampled_from(["none", "same", "same", "float32", "wrong-size", "int"]))
+        if kind == "none":
+            return None
+        n = C + 1 if kind == "wrong-size" else C
+        t = torch.randn(n, generator=g)
+        return t.int() if kind == "int" else t.to(torch.float32 if kind == "float32" or not dtype.is_floating_point
+                                                  else dtype)
+    return x, affine(), affine(), _scalar(draw, draw(st.sampled_from([1e-6, 1e-5, 0.5])), ("py", "numpy"))
+
+
+def _layer_norm_compare(got, want):
+    """Non-finite exactly where the spec is; close elsewhere."""
+    got = got.detach()
+    assert got.shape == want.shape and got.dtype == want.dtype
+    fin = want.isfinite()
+    assert torch.equal(got.isfinite(), fin)
+    atol, rtol = tolerance(want.dtype, scale=4)
+    torch.testing.assert_close(got[fin], want[fin], atol=atol, rtol=rtol)
+
+
+@given(data=st.data())
+def test_fuzz_layer_norm(data):
+    from fasttrack.ops import layer_norm
+    x, w, b, eps = data.draw(layer_norm_inputs())
+    _check_paths("_layer_norm", layer_norm, (x, w, b, float(eps)), (x, w, b, eps), grad_arg=0,
+                 compare=_layer_norm_compare)

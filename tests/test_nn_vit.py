@@ -311,8 +311,10 @@ def test_native_block_raw_calls_refuse_bad_input():
             C.vit_mlp_residual(x.transpose(1, 2), *margs)
         with pytest.raises(ValueError, match="`x` must be floating"):
             C.vit_block(x.long(), *args, *margs)
-        with pytest.raises(RuntimeError):
-            C.vit_attn_residual(torch.randn(1, 10, DIM + 8), *args)   # the GEMM refuses the width
+        with pytest.raises(ValueError, match=r"`weight` must have shape \[776\]"):
+            C.vit_attn_residual(torch.randn(1, 10, DIM + 8), *args)   # the norm refuses the width
+        with pytest.raises(RuntimeError):                     # without norm parameters the GEMM does
+            C.vit_attn_residual(torch.randn(1, 10, DIM + 8), None, None, *args[2:])
         bad = list(args)
         bad[3:5] = margs[3:5]                                 # fc1's 768 -> 3072 weight as qkv
         with pytest.raises(ValueError, match="qkv"):

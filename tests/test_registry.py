@@ -13,7 +13,7 @@ from fasttrack.ops._registry import REGISTRY, dispatch, serving_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_OPS = ["topk_select", "topk_select_qk", "gather_tokens", "pad_scatter", "merge_tokens", "cosine_argmax",
-           "pruned_linear", "_pruned_linear_gather", "_attention"]
+           "pruned_linear", "_pruned_linear_gather", "_attention", "_layer_norm"]
 
 
 def _python(code, **env):

@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include <fasttrack/attention.h>
+#include <fasttrack/layer_norm.h>
 
 namespace fasttrack {
 namespace attention {
@@ -44,8 +45,8 @@ at::Tensor linear_add(const at::Tensor& x, const at::Tensor& other, const Linear
   return op.call(x, other, l.packed_weight, l.bias, "add");
 }
 
-at::Tensor layer_norm(const at::Tensor& x, const LayerNormArgs& n) {
-  return at::layer_norm(x, {x.size(-1)}, n.weight, n.bias, n.eps, /*cudnn_enable=*/false);
+at::Tensor norm(const at::Tensor& x, const LayerNormArgs& n) {
+  return fasttrack::layer_norm::layer_norm_cpu(x, n.weight, n.bias, n.eps);
 }
 
 void check_x(const at::Tensor& x, const char* fn) {
@@ -61,7 +62,7 @@ void check_x(const at::Tensor& x, const char* fn) {
 std::tuple<at::Tensor, at::Tensor> attn_residual(const at::Tensor& x, const LayerNormArgs& norm1, const LinearArgs& qkv,
                                                  const LinearArgs& proj, int64_t num_heads, double scale) {
   check_x(x, "attn_residual");
-  at::Tensor qkv_out = linear(layer_norm(x, norm1), qkv, "none", "");
+  at::Tensor qkv_out = linear(norm(x, norm1), qkv, "none", "");
   TORCH_CHECK_VALUE(qkv_out.dim() == 3 && qkv_out.size(2) == 3 * x.size(2), "fasttrack.vit.attn_residual: the qkv ",
                     "weight must map C=", x.size(2), " to 3*C, got an output of shape ", qkv_out.sizes());
   at::Tensor o = attention::attention_cpu(qkv_out, num_heads, scale);
@@ -70,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> attn_residual(const at::Tensor& x, const Laye
 
 at::Tensor mlp_residual(const at::Tensor& x, const LayerNormArgs& norm2, const LinearArgs& fc1, const LinearArgs& fc2) {
   check_x(x, "mlp_residual");
-  return linear_add(linear(layer_norm(x, norm2), fc1, "gelu", "none"), x, fc2);
+  return linear_add(linear(norm(x, norm2), fc1, "gelu", "none"), x, fc2);
 }
 
 at::Tensor block(const at::Tensor& x, const LayerNormArgs& norm1, const LinearArgs& qkv, const LinearArgs& proj,

@@ -32,9 +32,11 @@ from fasttrack.nn._recognizers import forward_params, is_linear, has_attrs, prob
 from fasttrack.nn.init import trunc_normal_
 from fasttrack.nn.derived import Derived
 from fasttrack import _extension
+from fasttrack.backend import capturing_graph
 from fasttrack.nn.linear import FastLinear, packable, packed_linear
 from fasttrack.ops._registry import calls_cpu_kernel
 from fasttrack.ops.attention import attention_core, fast_path_serves
+from fasttrack.ops.layer_norm import fast_path_serves as layer_norm_fast_path, layer_norm as layer_norm_op
 
 __all__ = ["PatchEmbed", "FusedPatchEmbed", "patch_tokens",
            "init_vit_weights", "DropPath", "Mlp", "Attention", "Block", "FusedMlp", "FusedAttention",
@@ -162,6 +164,19 @@ def linear_add(fc: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.
             and residual.shape[:-1] == x.shape[:-1] and residual.is_contiguous() and x.is_contiguous()):
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, fc._packed.get(fc.weight), fc.bias, "add")
     return residual + fc(x)
+
+
+def norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``; fasttrack's `_layer_norm` CPU kernel when ``norm`` is exactly `nn.LayerNorm` over
+    the last dim and the kernel's vectorised path serves x (CPU, float32 with AVX-512 / bfloat16
+    with AVX512_BF16, no gradient needed, not traced). OSTrack block, 320 x 768 tokens, one Zen 4
+    core: bf16 107 -> 19 µs, fp32 76 -> 21 µs (ATen reads bf16 through its AVX2 kernel here)."""
+    if (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and x.is_cpu
+            and layer_norm_fast_path(x.dtype) and x.dim() >= 1 and x.shape[-1] == norm.normalized_shape[0]
+            and not capturing_graph() and not (torch.is_grad_enabled() and (
+                x.requires_grad or any(p is not None and p.requires_grad for p in (norm.weight, norm.bias))))):
+        return layer_norm_op(x, norm.weight, norm.bias, norm.eps)
+    return norm(x)
 
 
 def identity_like(m: nn.Module | None) -> bool:
@@ -583,8 +598,8 @@ class FusedBlock(nn.Module):
             q, k, _ = self.attn._split(qkv)
             return y, q, k, None
         if identity_like(self.drop_path):
-            return self.attn.forward_qk(self.norm1(x), mask, residual=x)
-        y, q, k, attn = self.attn.forward_qk(self.norm1(x), mask)
+            return self.attn.forward_qk(norm_forward(self.norm1, x), mask, residual=x)
+        y, q, k, attn = self.attn.forward_qk(norm_forward(self.norm1, x), mask)
         return x + self.drop_path(y), q, k, attn
 
     def mlp_residual(self, x):
@@ -592,8 +607,8 @@ class FusedBlock(nn.Module):
         if args is not None:
             return _NATIVE.vit_mlp_residual(x, *args)
         if identity_like(self.drop_path):
-            return self.mlp.forward_add(self.norm2(x), x)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+            return self.mlp.forward_add(norm_forward(self.norm2, x), x)
+        return x + self.drop_path(self.mlp(norm_forward(self.norm2, x)))
 
     def forward(self, x, mask=None, return_attention=False):
         if isinstance(mask, bool):
