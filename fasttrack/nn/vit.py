@@ -169,8 +169,9 @@ def linear_add(fc: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.
 def norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)``; fasttrack's `_layer_norm` CPU kernel when ``norm`` is exactly `nn.LayerNorm` over
     the last dim and the kernel's vectorised path serves x (CPU, float32 with AVX-512 / bfloat16
-    with AVX512_BF16, no gradient needed, not traced). OSTrack block, 320 x 768 tokens, one Zen 4
-    core: bf16 107 -> 19 µs, fp32 76 -> 21 µs (ATen reads bf16 through its AVX2 kernel here)."""
+    with AVX512_BF16, no gradient needed, not traced). Interleaved medians, one Zen 4 core, torch's
+    LayerNorm vs this: 320 x 768 tokens bf16 112.9 vs 58.8 µs, fp32 79.5 vs 48.0; 153 x 768 bf16
+    56.6 vs 31.5, fp32 42.7 vs 26.7."""
     if (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and x.is_cpu
             and layer_norm_fast_path(x.dtype) and x.dim() >= 1 and x.shape[-1] == norm.normalized_shape[0]
             and not capturing_graph() and not (torch.is_grad_enabled() and (
