@@ -76,3 +76,27 @@ def randomise(m: nn.Module, scale: float = 0.1) -> nn.Module:
                 mod.running_mean.normal_(0, scale)
                 mod.running_var.uniform_(0.5, 1.5)
     return m
+
+
+def count_kernel_calls(monkeypatch, name: str) -> list:
+    """Record every direct call of op ``name``'s C++ CPU kernel (what the fused modules' dispatch
+    rules promise to run) into the returned list."""
+    from fasttrack.ops._registry import REGISTRY
+    op = REGISTRY[name]
+    calls = []
+    kernel = op.cpu_kernel
+    monkeypatch.setattr(op, "_cpu_kernel", lambda *a: calls.append(a) or kernel(*a))
+    return calls
+
+
+def run_capped(code: str, capability: str = "avx2", timeout: int = 300):
+    """Run ``code`` in a fresh interpreter with ``ATEN_CPU_CAPABILITY=capability`` (the kernels
+    follow ATen's cap, read at load); asserts it exits 0 and prints ``ok``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, ATEN_CPU_CAPABILITY=capability),
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

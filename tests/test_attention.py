@@ -2,10 +2,6 @@
 `fasttrack.reference.attention` on both CPU paths (vectorised, composite) at tracker shapes and odd
 ones, forward and backward, non-finite inputs, opcheck, bad input through the wrapper and a raw
 torch.ops call; and the fused modules' dispatch rule (`attention_kernel_serves`)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +11,9 @@ from fasttrack.nn.vit import Attention, FusedAttention, attention_kernel_serves
 from fasttrack.ops import attention_core
 from fasttrack.ops.attention import fast_path_serves
 from tolerances import assert_close
+from tests import helpers
 
 native_only = pytest.mark.skipif(not _extension.loaded, reason="the native CPU kernel needs fasttrack._C")
-ROOT = Path(__file__).resolve().parents[1]
 FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # B, N, C, heads: OSTrack-256 / -384 (64 + 256, 144 + 576 tokens), after CE at keep 0.7, ViT-S,
 # odd token counts (tails of the 6-row tiles, 16-column blocks and bf16 pairs), other head dims
@@ -140,9 +136,7 @@ def test_composite_path_under_capped_isa():
             "        torch.testing.assert_close(attention_core(qkv, 12, 0.125), reference.attention(qkv, 12, 0.125),\n"
             "                                   atol=1.6e-2, rtol=1.6e-2)\n"
             "print('ok')\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, ATEN_CPU_CAPABILITY="avx2"),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    helpers.run_capped(code)
 
 
 # ------------------------------------------------------------------------ the fused modules' rule
@@ -152,21 +146,12 @@ def _modules(dtype, dim=768, heads=12):
     return ref, FusedAttention.from_reference(ref)
 
 
-def _count_kernel_calls(monkeypatch):
-    from fasttrack.ops._registry import REGISTRY
-    op = REGISTRY["_attention"]
-    calls = []
-    kernel = op.cpu_kernel
-    monkeypatch.setattr(op, "_cpu_kernel", lambda *a: calls.append(a) or kernel(*a))
-    return calls
-
-
 @native_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_attention_runs_the_kernel_where_the_rule_says(dtype, monkeypatch):
     ref, fused = _modules(dtype)
     x = torch.randn(1, 320, 768).to(dtype)
-    calls = _count_kernel_calls(monkeypatch)
+    calls = helpers.count_kernel_calls(monkeypatch, "_attention")
     served = fast_path_serves(dtype, 64)
     with torch.no_grad():
         qkv = fused.qkv(x)

@@ -2,10 +2,6 @@
 `fasttrack.reference.layer_norm` on both CPU paths (vectorised, ATen) at tracker shapes and odd ones,
 forward and backward, non-finite rows, opcheck, bad input through the wrapper and a raw torch.ops
 call; and the fused modules' rule (`fasttrack.nn.vit.norm_forward`)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +12,9 @@ from fasttrack.nn.vit import norm_forward
 from fasttrack.ops import layer_norm
 from fasttrack.ops.layer_norm import fast_path_serves
 from tolerances import assert_close
+from tests import helpers
 
 native_only = pytest.mark.skipif(not _extension.loaded, reason="the native CPU kernel needs fasttrack._C")
-ROOT = Path(__file__).resolve().parents[1]
 FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # OSTrack-256 / -384 token matrices, after CE, ViT-S, one token, widths off the 16-lane vectors
 # (the masked tail; 64-wide unrolled blocks), 2-D and 4-D inputs, empty
@@ -144,27 +140,16 @@ def test_composite_path_under_capped_isa():
             "    torch.testing.assert_close(layer_norm(x, w, b, 1e-6), reference.layer_norm(x, w, b, 1e-6),\n"
             "                               atol=1.6e-2, rtol=1.6e-2)\n"
             "print('ok')\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, ATEN_CPU_CAPABILITY="avx2"),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    helpers.run_capped(code)
 
 
 # ------------------------------------------------------------------------ the fused modules' rule
-def _count_kernel_calls(monkeypatch):
-    from fasttrack.ops._registry import REGISTRY
-    op = REGISTRY["_layer_norm"]
-    calls = []
-    kernel = op.cpu_kernel
-    monkeypatch.setattr(op, "_cpu_kernel", lambda *a: calls.append(a) or kernel(*a))
-    return calls
-
-
 @native_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_norm_forward_runs_the_kernel_where_the_rule_says(dtype, monkeypatch):
     norm = nn.LayerNorm(768, eps=1e-6).to(dtype)
     x = torch.randn(1, 50, 768).to(dtype)
-    calls = _count_kernel_calls(monkeypatch)
+    calls = helpers.count_kernel_calls(monkeypatch, "_layer_norm")
     served = fast_path_serves(dtype)
     with torch.no_grad():
         assert_close(norm_forward(norm, x), norm(x))

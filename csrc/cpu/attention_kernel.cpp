@@ -51,20 +51,9 @@ at::Tensor composite(const at::Tensor& qkv, int64_t num_heads, double scale) {
 }
 
 #if defined(FT_HAVE_AVX2_PATH)
-bool cpu_has_bf16_dot() {
-  static const bool has =
-      cpu_isa() == CpuIsa::avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl");
-  return has;
-}
-
-// Everything below until the matching pop is compiled for AVX-512 (+BF16) and only called after the
-// run-time check above: the extension itself is built for baseline x86-64.
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma")
-#endif
+// Everything below until FT_AVX512_BF16_END is AVX-512 (+BF16) code, called only after the
+// run-time check (fast_path_serves).
+FT_AVX512_BF16_BEGIN
 
 // The micro-kernels' element types. Fp32: A and B float, one FMA per k. Bf16: A bf16 read as pairs,
 // B as pairs of rows (uint32: B[p][j] = (b[2p][j], b[2p+1][j])), one vdpbf16ps per pair of k.
@@ -291,11 +280,7 @@ void head_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t 
   }
 }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+FT_AVX512_BF16_END
 #endif  // FT_HAVE_AVX2_PATH
 
 }  // namespace
@@ -304,7 +289,7 @@ bool fast_path_serves(at::ScalarType dtype, int64_t head_dim) {
 #if defined(FT_HAVE_AVX2_PATH)
   if (head_dim != kHeadDim) return false;
   if (dtype == at::kFloat) return cpu_isa() == CpuIsa::avx512;
-  if (dtype == at::kBFloat16) return cpu_has_bf16_dot();
+  if (dtype == at::kBFloat16) return cpu_has_avx512_bf16();
 #endif
   (void)dtype;
   (void)head_dim;

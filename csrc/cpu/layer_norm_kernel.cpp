@@ -52,20 +52,9 @@ at::Tensor composite(const at::Tensor& x, const std::optional<at::Tensor>& weigh
 }
 
 #if defined(FT_HAVE_AVX2_PATH)
-bool cpu_has_bf16_round() {
-  static const bool has =
-      cpu_isa() == CpuIsa::avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl");
-  return has;
-}
-
-// Everything below until the matching pop is compiled for AVX-512 (+BF16) and only called after the
-// run-time check: the extension itself is built for baseline x86-64.
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma")
-#endif
+// Everything below until FT_AVX512_BF16_END is AVX-512 (+BF16) code, called only after the
+// run-time check (fast_path_serves).
+FT_AVX512_BF16_BEGIN
 
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const uint16_t* p, __mmask16 m) {
@@ -128,11 +117,7 @@ void rows(const T* x, const float* g, const float* b, float eps, int64_t R, int6
   });
 }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+FT_AVX512_BF16_END
 #endif  // FT_HAVE_AVX2_PATH
 
 }  // namespace
@@ -140,7 +125,7 @@ void rows(const T* x, const float* g, const float* b, float eps, int64_t R, int6
 bool fast_path_serves(at::ScalarType dtype) {
 #if defined(FT_HAVE_AVX2_PATH)
   if (dtype == at::kFloat) return cpu_isa() == CpuIsa::avx512;
-  if (dtype == at::kBFloat16) return cpu_has_bf16_round();
+  if (dtype == at::kBFloat16) return cpu_has_avx512_bf16();
 #endif
   (void)dtype;
   return false;

@@ -42,6 +42,26 @@ inline const char* cpu_isa_name() {
 }
 
 #if defined(FT_HAVE_AVX2_PATH)
+// AVX-512 with the BF16 instructions (vdpbf16ps, vcvtneps2bf16) and VL, under the same ATen cap.
+inline bool cpu_has_avx512_bf16() {
+  static const bool has =
+      cpu_isa() == CpuIsa::avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl");
+  return has;
+}
+
+// Code between these two is compiled for AVX-512 (+BF16) and must only be called after
+// cpu_has_avx512_bf16() (or cpu_isa() == avx512 for code without BF16 instructions): the extension
+// itself is built for baseline x86-64.
+// clang-format off
+#if defined(__clang__)
+#define FT_AVX512_BF16_BEGIN _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512bf16,fma\"))), apply_to = function)")
+#define FT_AVX512_BF16_END _Pragma("clang attribute pop")
+#else
+#define FT_AVX512_BF16_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512bf16,fma\")")
+#define FT_AVX512_BF16_END _Pragma("GCC pop_options")
+#endif
+// clang-format on
+
 // The run-time dispatch flags of the CPU kernels (read once, at load).
 inline const bool kHasAvx2 = cpu_isa() >= CpuIsa::avx2;  // with FMA
 inline const bool kHasAvx512 = cpu_isa() >= CpuIsa::avx512;
