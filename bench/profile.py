@@ -2,7 +2,9 @@
 
 Per-segment time breakdown of one tracker forward, reference modules vs fused modules. Segments are
 assigned by the kind of each leaf operator in the torch profiler (self CPU time):
-linear (GEMMs, incl. pruned_linear), attention (SDPA, the explicit softmax(QKᵀ)V), selection
+linear (GEMMs, incl. pruned_linear, and the oneDNN convolutions of the patch embedding and the
+head), attention (SDPA, the explicit softmax(QKᵀ)V, fasttrack's
+attention kernel, also inside the native ViT block), selection
 (top-k selection, sorts), merge (token merging), scatter (gather / pad-scatter), other.
 """
 from __future__ import annotations
@@ -16,9 +18,10 @@ from fasttrack.info import cpu_line
 SEGMENTS = ("linear", "attention", "selection", "merge", "scatter", "other")
 _KIND = {
     "linear": ("aten::addmm", "aten::mm", "aten::linear", "mkldnn::_linear_pointwise", "aten::mkldnn_linear",
-               "fasttrack::pruned_linear", "aten::_addmm_activation"),
+               "fasttrack::pruned_linear", "aten::_addmm_activation", "mkldnn::_convolution_pointwise",
+               "aten::mkldnn_convolution"),
     "attention": ("aten::_scaled_dot_product", "aten::bmm", "aten::_softmax", "aten::softmax",
-                  "aten::baddbmm", "aten::_safe_softmax"),
+                  "aten::baddbmm", "aten::_safe_softmax", "fasttrack::_attention"),
     "selection": ("fasttrack::topk_select", "aten::sort", "aten::topk"),
     "merge": ("fasttrack::merge_tokens",),
     "scatter": ("fasttrack::pad_scatter", "fasttrack::gather_tokens", "aten::scatter", "aten::gather"),

@@ -244,6 +244,10 @@ def test_native_block_runs_where_it_serves():
     names = [e.name for e in prof.events()]
     assert names.count("fasttrack::vit_block") == 1
     assert names.count("fasttrack::vit_attn_residual") == 1 and names.count("fasttrack::vit_mlp_residual") == 1
+    # the kernels it calls directly keep their own events (`python -m bench profile` segments)
+    from bench.profile import segment_of
+    assert names.count("fasttrack::_attention") == 2 and names.count("fasttrack::_layer_norm") == 4
+    assert segment_of("fasttrack::_attention") == "attention"
     assert amap is None and q.shape == k.shape == (1, HEADS, 64, DIM // HEADS)
 
 
