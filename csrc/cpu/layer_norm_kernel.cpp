@@ -31,16 +31,11 @@ namespace {
 at::Tensor composite(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, double eps) {
   const auto dt = x.scalar_type();
-  const bool reduced = dt == at::kBFloat16 || dt == at::kHalf;
-  auto takes = [&](const std::optional<at::Tensor>& t) {
-    return !t.has_value() || !t->defined() || t->scalar_type() == dt || (reduced && t->scalar_type() == at::kFloat);
-  };
-  const bool mixed_float =
-      reduced && ((weight.has_value() && weight->defined() && weight->scalar_type() == at::kFloat) ||
-                  (bias.has_value() && bias->defined() && bias->scalar_type() == at::kFloat));
-  const bool same = (!weight.has_value() || !weight->defined() || !bias.has_value() || !bias->defined() ||
-                     weight->scalar_type() == bias->scalar_type());
-  if (takes(weight) && takes(bias) && (same || !mixed_float)) {
+  const bool has_w = weight.has_value() && weight->defined(), has_b = bias.has_value() && bias->defined();
+  // the parameters' one dtype (x's when there are none); ATen needs x's, or float32 for bf16 / fp16 x
+  const auto pt = has_w ? weight->scalar_type() : has_b ? bias->scalar_type() : dt;
+  const bool one_dtype = !(has_w && has_b) || weight->scalar_type() == bias->scalar_type();
+  if (one_dtype && (pt == dt || (pt == at::kFloat && (dt == at::kBFloat16 || dt == at::kHalf)))) {
     return at::layer_norm(x, {x.size(-1)}, weight, bias, eps, /*cudnn_enable=*/false);
   }
   const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;

@@ -602,6 +602,9 @@ class FusedBlock(nn.Module):
             y, qkv = _NATIVE.vit_attn_residual(x, *args)
             q, k, _ = self.attn._split(qkv)
             return y, q, k, None
+        return self._attn_residual_python(x, mask)
+
+    def _attn_residual_python(self, x, mask):
         if identity_like(self.drop_path):
             return self.attn.forward_qk(norm_forward(self.norm1, x), mask, residual=x)
         y, q, k, attn = self.attn.forward_qk(norm_forward(self.norm1, x), mask)
@@ -624,11 +627,13 @@ class FusedBlock(nn.Module):
             x = x + self.drop_path(y)
         else:
             args = _native_attn_args(self, x, mask)
-            if args is not None:
+            if args is None:
+                x = self._attn_residual_python(x, mask)[0]
+            else:
                 margs = _native_mlp_args(self, x)
                 if margs is not None:   # the whole block in one call
                     return _NATIVE.vit_block(x, *args, *margs)
-            x = self.attn_residual(x, mask)[0]
+                x = _NATIVE.vit_attn_residual(x, *args)[0]   # (q / k not needed: no split)
             attn = None
         x = self.mlp_residual(x)
         return (x, attn) if return_attention else x
