@@ -327,3 +327,111 @@ def test_native_block_raw_calls_refuse_bad_input():
         bad[-2] = 0
         with pytest.raises(ValueError, match="num_heads"):
             C.vit_attn_residual(x, *bad)
+
+
+# --------------------------------------------------------------------------------------------
+# native_plan: every block's native arguments decided once per backbone forward
+# --------------------------------------------------------------------------------------------
+@native_only
+def test_native_plan_follows_the_rule_hooks_and_compile():
+    blocks = [FusedBlock.from_reference(_block()).eval() for _ in range(3)] + [_block().eval()]
+    x = torch.randn(1, 50, DIM)
+    unserved = [(None, None)] * 3 + [None]                      # both halves in Python, decided once
+    assert vit_mod.native_plan(blocks, x) == unserved           # grad mode on, parameters require grad
+    with torch.no_grad():
+        plan = vit_mod.native_plan(blocks, x)
+        assert [p is not None for p in plan] == [True, True, True, False]   # a reference block: no entry
+        for b, p in zip(blocks, plan[:3]):
+            assert p == (vit_mod._native_attn_args(b, x), vit_mod._native_mlp_args(b, x)) and None not in p
+        handle = blocks[1].register_forward_pre_hook(lambda m, a: None)
+        assert vit_mod.native_plan(blocks, x)[1] is None         # hooked: called as a module, hooks run
+        handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+        assert vit_mod.native_plan(blocks, x) == [None] * 4      # a global hook sees every call
+        handle.remove()
+        assert vit_mod.native_plan(blocks, x.double()) == unserved            # no packed float64
+        strided = torch.randn(50, 2, DIM).transpose(0, 1)
+        assert vit_mod.native_plan(blocks, strided) == [None] * 4            # the tokens are not contiguous
+        assert vit_mod.native_plan([], x) == []
+        blocks[2].compile()                                       # Module.compile: its compiled call
+        assert vit_mod.native_plan(blocks, x)[2] is None
+        heads = FusedBlock.from_reference(helpers.randomise(Block(DIM, 8, qkv_bias=True)).eval()).eval()
+        assert vit_mod.native_plan([heads], x) == [(None, vit_mod._native_mlp_args(heads, x))]   # per half
+
+
+@native_only
+def test_planned_block_is_the_unplanned_block_bit_for_bit():
+    fused = FusedBlock.from_reference(_block()).eval()
+    x = torch.randn(2, 61, DIM)
+    with torch.no_grad():
+        (planned,) = vit_mod.native_plan([fused], x)
+        assert torch.equal(vit_mod.call_block(fused, planned, x), fused(x))
+        assert torch.equal(fused.mlp_residual(x, planned), fused.mlp_residual(x))
+        for a, b in zip(fused.attn_residual(x, native_args=planned)[:3], fused.attn_residual(x)[:3]):
+            assert torch.equal(a, b)
+        xs = x.transpose(0, 1).contiguous().transpose(0, 1)      # a non-contiguous x: the Python path
+        assert torch.equal(fused(xs, native_args=planned), fused(xs))
+        mask = torch.zeros(2, 61, dtype=torch.bool)
+        assert torch.equal(fused(x, mask, native_args=planned), fused(x, mask))
+        assert vit_mod.call_block(fused, None, x).shape == x.shape
+
+
+def _tree_equal(a, b) -> bool:
+    from torch.utils._pytree import tree_flatten
+    fa, sa = tree_flatten(a)
+    fb, sb = tree_flatten(b)
+    return sa == sb and all(torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v for u, v in zip(fa, fb))
+
+
+@native_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", ["ostrack", "utptrack-o", "compresstracker"])
+def test_backbones_decide_the_native_path_once_per_forward(family, dtype, monkeypatch):
+    """The rule runs for every block before the first block runs (the plan), never inside the
+    blocks, and the result is the unplanned forward's bit for bit; a hooked block is still called
+    as a module (its hook runs)."""
+    from types import SimpleNamespace
+    from fasttrack import zoo
+    from fasttrack.nn import compresstracker, ostrack
+    from fasttrack.nn.utptrack import o as utptrack_o
+    case = zoo.build(family, 1, dtype, depth=4)
+    inputs = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in case.inputs)
+    n_blocks = sum(isinstance(m, FusedBlock) for m in case.fused.modules())
+    events = []
+    rule, native = vit_mod._native_attn_args, vit_mod._NATIVE
+    monkeypatch.setattr(vit_mod, "_native_attn_args", lambda *a, **k: events.append("rule") or rule(*a, **k))
+    monkeypatch.setattr(vit_mod, "_NATIVE", SimpleNamespace(**{
+        f: (lambda f: lambda *a: events.append("block") or getattr(native, f)(*a))(f)
+        for f in ("vit_block", "vit_attn_residual", "vit_mlp_residual")}))
+    with torch.no_grad():
+        got = case.fused(*inputs)
+        assert n_blocks >= 4 and events[:n_blocks] == ["rule"] * n_blocks
+        assert "rule" not in events[n_blocks:] and events.count("block") >= n_blocks
+        hooked = []
+        block = next(m for m in case.fused.modules() if isinstance(m, FusedBlock))
+        handle = block.register_forward_hook(lambda m, a, o: hooked.append(m))
+        assert _tree_equal(case.fused(*inputs), got) and hooked == [block]
+        handle.remove()
+        for mod in (ostrack, compresstracker, utptrack_o):
+            monkeypatch.setattr(mod, "native_plan", lambda blocks, x: [None] * len(blocks))
+        events.clear()
+        assert _tree_equal(case.fused(*inputs), got)
+        assert events[:3] == ["rule", "block", "rule"]            # unplanned: each block asks in turn
+
+
+@native_only
+@pytest.mark.parametrize("family", ["ostrack", "utptrack-o", "compresstracker"])
+def test_fused_backbones_final_norm_runs_the_layer_norm_kernel(family, monkeypatch):
+    from fasttrack import zoo
+    case = zoo.build(family, 1, torch.bfloat16, depth=2)
+    inputs = tuple(t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                   for t in case.inputs)
+    seen = []
+    norm_forward = vit_mod.norm_forward
+    monkeypatch.setattr(vit_mod, "norm_forward", lambda norm, x: seen.append(norm) or norm_forward(norm, x))
+    kernel = helpers.count_kernel_calls(monkeypatch, "_layer_norm")
+    with torch.no_grad():
+        case.reference(*inputs)
+        assert seen == [] and kernel == []                    # the reference: torch's LayerNorm
+        case.fused(*inputs)
+    assert seen == [case.fused.backbone.norm] and len(kernel) == 1

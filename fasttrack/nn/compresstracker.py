@@ -47,7 +47,8 @@ from fasttrack.nn.init import trunc_normal_
 from fasttrack.nn.head import CenterPredictor, FusedCenterPredictor
 from fasttrack.nn.onestream import FusedOneStreamTracker, OneStreamTracker
 from fasttrack.nn.twin import twin_from_reference
-from fasttrack.nn.vit import Block, FusedBlock, FusedPatchEmbed, PatchEmbed, init_vit_weights, patch_tokens
+from fasttrack.nn.vit import (Block, FusedBlock, FusedPatchEmbed, PatchEmbed, call_block, fused_final_norm,
+                              init_vit_weights, native_plan, patch_tokens)
 from fasttrack.nn._recognizers import probe_like, register_recognizer
 
 __all__ = ["STAGE_COUNTS", "stage_ratio", "student_init_blocks", "sample_replacement", "replacement_probability",
@@ -193,16 +194,21 @@ class CompressTrackerBackbone(nn.Module):
                 plan.extend((self.blocks[j * self.ratio + o], o == self.ratio - 1) for o in range(self.ratio))
         return plan
 
+    def final_norm(self, x):
+        """``norm(x)`` after the last block."""
+        return self.norm(x)
+
     def forward_plan(self, z, x, replaced: list[bool] | None = None, return_stages: bool = False):
         """``norm(tokens)`` after the stages in ``replaced`` (see `stage_plan`); with
         ``return_stages`` also the list of the N stage outputs (pre-norm, ``[B, Lz + Lx, C]``)."""
         t = self.embed(z, x)
         stages = []
-        for blk, ends in self.stage_plan(replaced):
-            t = blk(t)
+        plan = self.stage_plan(replaced)
+        for (blk, ends), planned in zip(plan, native_plan([b for b, _ in plan], t)):
+            t = call_block(blk, planned, t)
             if ends and return_stages:
                 stages.append(t)
-        out = self.norm(t)
+        out = self.final_norm(t)
         return (out, stages) if return_stages else out
 
     def forward(self, z, x, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False, is_training=False):
@@ -260,6 +266,7 @@ class FusedCompressTrackerBackbone(CompressTrackerBackbone):
 
     block_cls = FusedBlock
     patch_embed_cls = FusedPatchEmbed
+    final_norm = fused_final_norm
 
     @classmethod
     def from_reference(cls, ref_module: nn.Module) -> "FusedCompressTrackerBackbone":

@@ -41,7 +41,7 @@ from fasttrack.nn.onestream import FusedOneStreamTracker, OneStreamTracker
 from fasttrack.nn.head import CenterPredictor, FusedCenterPredictor
 from fasttrack.nn._recognizers import forward_params, probe_like, register_recognizer
 from fasttrack.nn.vit import (Block, FusedBlock, FusedPatchEmbed, PatchEmbed, identity_like, patch_tokens, block_dim,
-                              fused_vit_block, init_vit_weights,
+                              call_block, fused_final_norm, fused_vit_block, init_vit_weights, native_plan,
                               share_block_parts, vit_block_parts)
 from fasttrack.ops import pad_scatter
 
@@ -116,22 +116,24 @@ class FusedCEBlock(FusedBlock):
     _ce = CEBlock._ce
 
     def forward(self, x, global_index_template, global_index_search, mask=None, ce_template_mask=None,
-                keep_ratio_search=None):
+                keep_ratio_search=None, *, native_args=None):
+        """``native_args``: this block's `fasttrack.nn.vit.native_plan` entry."""
         if self.return_attention or mask is not None:
             y, attn = self.attn(self.norm1(x), mask, True)
             x = x + self.drop_path(y)
             scorer = Scorer(attn=attn)
         elif active_ratio(self.keep_ratio_search, keep_ratio_search) is None:
             # no elimination in this block: the plain block (one native call where it serves)
-            return FusedBlock.forward(self, x), global_index_template, global_index_search, None, None
+            return (FusedBlock.forward(self, x, native_args=native_args), global_index_template, global_index_search,
+                    None, None)
         else:
-            x, q, k, amap = self.attn_residual(x)
+            x, q, k, amap = self.attn_residual(x, native_args=native_args)
             # the map exists when the explicit core ran (bf16 on CPU): scoring it is cheaper
             scorer = Scorer(attn=amap) if amap is not None else Scorer(q=q, k=k, scale=self.attn.scale)
             attn = None
         x, global_index_search, removed = self._ce(x, scorer, global_index_template, global_index_search,
                                                    ce_template_mask, keep_ratio_search)
-        x = self.mlp_residual(x)
+        x = self.mlp_residual(x, native_args)
         return x, global_index_template, global_index_search, removed, attn
 
 
@@ -230,11 +232,15 @@ class VisionTransformerCE(nn.Module):
         # the query rows once per forward (a bool mask is read back here, once; see nn/ce.py)
         rows = ce_query_index(ce_template_mask, B, lens_z, 0, dev) if self.ce_loc else None
         removed, attn = [], None
-        for i, blk in enumerate(self.blocks):
-            tokens, gi_t, gi_s, rem, attn = blk(tokens, gi_t, gi_s, None, rows, ce_keep_rate)
+        for i, (blk, planned) in enumerate(zip(self.blocks, native_plan(self.blocks, tokens))):
+            tokens, gi_t, gi_s, rem, attn = call_block(blk, planned, tokens, gi_t, gi_s, None, rows, ce_keep_rate)
             if self.ce_loc is not None and i in self.ce_loc:
                 removed.append(rem)
-        return self.norm(tokens), gi_t, gi_s, removed, attn
+        return self.final_norm(tokens), gi_t, gi_s, removed, attn
+
+    def final_norm(self, x):
+        """``norm(x)`` after the last block."""
+        return self.norm(x)
 
     def forward(self, z, x, ce_template_mask=None, ce_keep_rate=None, return_last_attn=False, z_tokens=None):
         """``z_tokens`` (fasttrack extension): an `embed_template` result used instead of ``z``."""
@@ -253,6 +259,7 @@ class FusedVisionTransformerCE(VisionTransformerCE):
     `from_reference` shares a reference backbone's parameters."""
 
     block_cls = FusedCEBlock
+    final_norm = fused_final_norm
 
     @classmethod
     def from_reference(cls, ref: VisionTransformerCE) -> "FusedVisionTransformerCE":

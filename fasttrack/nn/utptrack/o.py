@@ -18,7 +18,7 @@ from fasttrack.nn._recognizers import forward_params, probe_like, register_recog
 from fasttrack.ops import pad_scatter
 from fasttrack.nn.vit import (
     Block, FusedBlock, FusedPatchEmbed, PatchEmbed, block_dim, fused_vit_block, patch_tokens,
-    init_vit_weights, share_block_parts, vit_block_parts,
+    call_block, fused_final_norm, init_vit_weights, native_plan, share_block_parts, vit_block_parts,
 )
 from fasttrack.nn.utptrack.pruning import PRUNING_ARGS, UTPTRACK_O_LOCS, block_outputs, probe_index, prune_groups
 
@@ -85,7 +85,9 @@ class FusedUTPTrackOBlock(FusedBlock):
     _prune = UTPTrackOBlock._prune
 
     def forward(self, x, global_index_sz, global_index_dz, global_index_x, mask=None, ce_template_mask=None,
-                keep_ratio_x=None, keep_ratio_dz=None, keep_ratio_sz=None, z_indicate_mask=None, ce_query_count=None):
+                keep_ratio_x=None, keep_ratio_dz=None, keep_ratio_sz=None, z_indicate_mask=None, ce_query_count=None,
+                *, native_args=None):
+        """``native_args``: this block's `fasttrack.nn.vit.native_plan` entry."""
         if self.return_attention or mask is not None:
             y, attn = self.attn(self.norm1(x), mask, True)
             x, scorer = x + self.drop_path(y), Scorer(attn=attn)
@@ -96,14 +98,14 @@ class FusedUTPTrackOBlock(FusedBlock):
             # the plain block (one native call where it serves)
             res = self._prune(x, None, global_index_sz, global_index_dz, global_index_x, ce_template_mask,
                               keep_ratio_x, keep_ratio_dz, keep_ratio_sz, z_indicate_mask, ce_query_count)
-            return block_outputs((FusedBlock.forward(self, x),) + res[1:], None)
+            return block_outputs((FusedBlock.forward(self, x, native_args=native_args),) + res[1:], None)
         else:
-            x, q, k, amap = self.attn_residual(x)
+            x, q, k, amap = self.attn_residual(x, native_args=native_args)
             scorer = Scorer(attn=amap) if amap is not None else Scorer(q=q, k=k, scale=self.attn.scale)
             attn = None
         res = self._prune(x, scorer, global_index_sz, global_index_dz, global_index_x, ce_template_mask,
                           keep_ratio_x, keep_ratio_dz, keep_ratio_sz, z_indicate_mask, ce_query_count)
-        return block_outputs((self.mlp_residual(res[0]),) + res[1:], attn)
+        return block_outputs((self.mlp_residual(res[0], native_args),) + res[1:], attn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,13 +190,17 @@ class UTPTrackOViT(nn.Module):
             raise TypeError(f"`z_indicate_mask` must be bool or floating, got {z_indicate_mask.dtype}")
         tokens = torch.cat([x, sz, dz], dim=1)
         removed = []
-        for i, blk in enumerate(self.blocks):
-            tokens, gi_sz, gi_dz, _, _, gi_x, rx, _, ce_template_mask, z_indicate_mask = blk(
-                tokens, gi_sz, gi_dz, gi_x, None, ce_template_mask, z_indicate_mask=z_indicate_mask,
+        for i, (blk, planned) in enumerate(zip(self.blocks, native_plan(self.blocks, tokens))):
+            tokens, gi_sz, gi_dz, _, _, gi_x, rx, _, ce_template_mask, z_indicate_mask = call_block(
+                blk, planned, tokens, gi_sz, gi_dz, gi_x, None, ce_template_mask, z_indicate_mask=z_indicate_mask,
                 ce_query_count=count)
             if i in self.ce_loc and rx is not None:
                 removed.append(rx)
-        return self.norm(tokens), gi_x, gi_sz, gi_dz, removed
+        return self.final_norm(tokens), gi_x, gi_sz, gi_dz, removed
+
+    def final_norm(self, x):
+        """``norm(x)`` after the last block."""
+        return self.norm(x)
 
     def _repad(self, xs, gi_x, removed):
         return official_repad(xs, gi_x, removed, self.pos_embed_x.shape[1])
@@ -222,6 +228,7 @@ class FusedUTPTrackOViT(UTPTrackOViT):
     """`UTPTrackOViT` on `FusedUTPTrackOBlock` and `pad_scatter` re-padding; same keys."""
 
     block_cls = FusedUTPTrackOBlock
+    final_norm = fused_final_norm
 
     @classmethod
     def from_reference(cls, ref: UTPTrackOViT) -> "FusedUTPTrackOViT":
