@@ -336,27 +336,32 @@ def test_native_block_raw_calls_refuse_bad_input():
 def test_native_plan_follows_the_rule_hooks_and_compile():
     blocks = [FusedBlock.from_reference(_block()).eval() for _ in range(3)] + [_block().eval()]
     x = torch.randn(1, 50, DIM)
-    unserved = [(None, None)] * 3 + [None]                      # both halves in Python, decided once
+    unserved = [(None, None, torch.float32)] * 3 + [None]       # both halves in Python, decided once
     assert vit_mod.native_plan(blocks, x) == unserved           # grad mode on, parameters require grad
     with torch.no_grad():
         plan = vit_mod.native_plan(blocks, x)
         assert [p is not None for p in plan] == [True, True, True, False]   # a reference block: no entry
         for b, p in zip(blocks, plan[:3]):
-            assert p == (vit_mod._native_attn_args(b, x), vit_mod._native_mlp_args(b, x)) and None not in p
+            assert p == (vit_mod._native_attn_args(b, x), vit_mod._native_mlp_args(b, x), x.dtype) and None not in p
         handle = blocks[1].register_forward_pre_hook(lambda m, a: None)
         assert vit_mod.native_plan(blocks, x)[1] is None         # hooked: called as a module, hooks run
         handle.remove()
         handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
         assert vit_mod.native_plan(blocks, x) == [None] * 4      # a global hook sees every call
         handle.remove()
-        assert vit_mod.native_plan(blocks, x.double()) == unserved            # no packed float64
+        assert vit_mod.native_plan(blocks, x.double()) == [(None, None, torch.float64)] * 3 + [None]
         strided = torch.randn(50, 2, DIM).transpose(0, 1)
         assert vit_mod.native_plan(blocks, strided) == [None] * 4            # the tokens are not contiguous
         assert vit_mod.native_plan([], x) == []
         blocks[2].compile()                                       # Module.compile: its compiled call
         assert vit_mod.native_plan(blocks, x)[2] is None
         heads = FusedBlock.from_reference(helpers.randomise(Block(DIM, 8, qkv_bias=True)).eval()).eval()
-        assert vit_mod.native_plan([heads], x) == [(None, vit_mod._native_mlp_args(heads, x))]   # per half
+        assert vit_mod.native_plan([heads], x) == [(None, vit_mod._native_mlp_args(heads, x), x.dtype)]   # per half
+        own_forward = FusedBlock.from_reference(_block()).eval()
+        own_forward.forward = own_forward.forward                 # e.g. torch.compile(block.forward)
+        called = type("CalledBlock", (FusedBlock,), {"__call__": lambda self, *a, **k: FusedBlock.forward(self, *a)})
+        own_call = called.from_reference(_block()).eval()
+        assert vit_mod.native_plan([own_forward, own_call], x) == [None, None]
 
 
 @native_only
@@ -374,6 +379,32 @@ def test_planned_block_is_the_unplanned_block_bit_for_bit():
         mask = torch.zeros(2, 61, dtype=torch.bool)
         assert torch.equal(fused(x, mask, native_args=planned), fused(x, mask))
         assert vit_mod.call_block(fused, None, x).shape == x.shape
+
+
+@native_only
+def test_planned_blocks_keep_the_graph_when_the_tokens_start_needing_a_gradient():
+    """A trainable block in front of frozen ones (replacement training, partial fine-tuning): the
+    tokens need a gradient only after the plan was made; the frozen blocks then run in Python and
+    the gradients equal those of plain module calls."""
+    trainable = FusedBlock.from_reference(_block()).eval()
+    frozen = [FusedBlock.from_reference(_block()).eval().requires_grad_(False) for _ in range(2)]
+    blocks = [*frozen[:1], trainable, *frozen[1:]]
+    x = torch.randn(1, 40, DIM)
+    plan = vit_mod.native_plan(blocks, x)
+    assert plan[0].attn is not None and plan[1] == (None, None, x.dtype) and plan[2].attn is not None
+    y = x
+    for b, p in zip(blocks, plan):
+        y = vit_mod.call_block(b, p, y)
+    y.square().sum().backward()
+    got = [t.grad.clone() for t in trainable.parameters()]
+    trainable.zero_grad()
+    y = x
+    for b in blocks:
+        y = b(y)
+    y.square().sum().backward()
+    for a, b in zip(got, (t.grad for t in trainable.parameters())):
+        torch.testing.assert_close(a, b)
+    assert all(g.abs().sum() > 0 for g in got)
 
 
 def _tree_equal(a, b) -> bool:
@@ -435,3 +466,8 @@ def test_fused_backbones_final_norm_runs_the_layer_norm_kernel(family, monkeypat
         assert seen == [] and kernel == []                    # the reference: torch's LayerNorm
         case.fused(*inputs)
     assert seen == [case.fused.backbone.norm] and len(kernel) == 1
+    hooked = []
+    case.fused.backbone.norm.register_forward_hook(lambda m, a, o: hooked.append(o))
+    with torch.no_grad():
+        case.fused(*inputs)                                   # a hooked norm is called as a module
+    assert len(hooked) == 1 and len(seen) == 1 and len(kernel) == 1

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ from fasttrack.ops.layer_norm import fast_path_serves as layer_norm_fast_path, l
 __all__ = ["PatchEmbed", "FusedPatchEmbed", "patch_tokens",
            "init_vit_weights", "DropPath", "Mlp", "Attention", "Block", "FusedMlp", "FusedAttention",
            "FusedBlock", "linear_gelu", "linear_add", "sdpa_is_faster", "attention_kernel_serves",
-           "native_block_serves", "native_plan", "call_block", "fused_final_norm"]
+           "native_block_serves", "native_plan", "NativePlanEntry", "call_block", "fused_final_norm"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,10 +190,12 @@ def norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_final_norm(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A fused backbone's final ``backbone.norm(x)``, through `norm_forward` (its reference class
-    calls the module: torch's LayerNorm). ~0.27 -> ~0.07 ms for 320 x 768 bf16 tokens after the
-    last block (one Zen 4 core)."""
-    return norm_forward(backbone.norm, x)
+    """A fused backbone's final ``backbone.norm(x)``: through `norm_forward` (fasttrack's LayerNorm
+    kernel where it serves; ~0.27 -> ~0.07 ms for 320 x 768 bf16 tokens after the last block, one
+    Zen 4 core) when calling the module would just run its forward, else the module call (its
+    hooks run). The reference classes call the module: torch's LayerNorm."""
+    norm = backbone.norm
+    return norm_forward(norm, x) if _calls_forward_directly(norm) else norm(x)
 
 
 def identity_like(m: nn.Module | None) -> bool:
@@ -657,22 +660,36 @@ class FusedBlock(nn.Module):
         return (x, attn) if return_attention else x
 
 
-def _planned(native_args: tuple, half: int, x: torch.Tensor, mask=None):
-    # a plan holds for the forward it was made for, whose tokens stay [B, N, C] of one dtype; a
-    # gather or a caller may still hand a block a non-contiguous x, which the native path refuses
-    return native_args[half] if mask is None and x.is_contiguous() else None
+class NativePlanEntry(NamedTuple):
+    """One block's `native_plan` entry: each half's native arguments (None: that half runs in
+    Python) and the token dtype they were decided for."""
+    attn: tuple | None
+    mlp: tuple | None
+    dtype: torch.dtype
+
+
+def _planned(entry: NativePlanEntry, half: int, x: torch.Tensor, mask=None):
+    # What the plan decided from the first block's tokens and may no longer hold for this x: the
+    # mask, contiguity (a gather, a caller), dtype, and a gradient (a trainable block in front of
+    # frozen ones: the C++ call would cut the graph). Weights, modules and hooks are the forward's.
+    if (mask is None and x.dtype == entry.dtype and x.is_contiguous()
+            and not (x.requires_grad and torch.is_grad_enabled())):
+        return entry[half]
+    return None
 
 
 @functools.lru_cache(maxsize=None)
-def _takes_native_args(cls: type) -> bool:
-    return "native_args" in inspect.signature(cls.forward).parameters
+def _takes_native_args(forward) -> bool:
+    return "native_args" in inspect.signature(forward).parameters
 
 
 def _calls_forward_directly(m: nn.Module) -> bool:
-    # `m(...)` would be `m.forward(...)`: torch's Module._call_impl fast path (no module or global
-    # hooks), not compiled with `Module.compile`
+    # `m(...)` would be `type(m).forward(m, ...)`: torch's Module.__call__ fast path (no module or
+    # global hooks), not compiled with `Module.compile`, no forward set on the instance (e.g.
+    # `m.forward = torch.compile(m.forward)`), no __call__ of its own
     return not (m._backward_hooks or m._backward_pre_hooks or m._forward_hooks or m._forward_pre_hooks
-                or m._compiled_call_impl is not None)
+                or m._compiled_call_impl is not None or "forward" in m.__dict__
+                or type(m).__call__ is not nn.Module.__call__ or _global_hooks())
 
 
 def _global_hooks() -> bool:
@@ -681,14 +698,17 @@ def _global_hooks() -> bool:
                 or g._global_forward_pre_hooks)
 
 
-def native_plan(blocks, x: torch.Tensor) -> list[tuple | None]:
+def native_plan(blocks, x: torch.Tensor) -> list[NativePlanEntry | None]:
     """Per block of ``blocks`` (in order), the arguments of its native path for a forward whose
-    tokens enter as ``x``, decided before the first block runs: ``(attention half, MLP half)``
-    (each the `native_block_serves` arguments, or None where that half runs in Python) for a
-    `FusedBlock` whose forward takes ``native_args`` and which ``block(...)`` would call directly
-    (no hooks, not `Module.compile` d); None for every other block, and for all of them when x is
-    not served (`native_block_serves`' x conditions: CPU inference call, ``[B, N, C]``
-    contiguous, ...). Use with `call_block`.
+    tokens enter as ``x``, decided before the first block runs: a `NativePlanEntry` (each half's
+    `native_block_serves` arguments, or None where that half runs in Python) for a `FusedBlock`
+    whose forward takes ``native_args`` and which ``block(...)`` would call directly (no module or
+    global hooks, not `Module.compile` d, no forward or __call__ of its own); None for every other
+    block, and for all of them when x is not served (`native_block_serves`' x conditions: CPU
+    inference call, ``[B, N, C]`` contiguous, ...). Use with `call_block`, in the same forward:
+    a block re-checks what can change between blocks (x's mask, contiguity, dtype and gradient;
+    otherwise that half runs in Python); modules, weights and hooks are taken as they were when the
+    plan was made (a hook registered during the forward applies from the next one).
 
     Why: the rule reads every block's modules and weights (a content stamp each), and between two
     blocks' GEMMs that code and data are cold: both halves' rule cost ~124 µs per block after a
@@ -696,14 +716,14 @@ def native_plan(blocks, x: torch.Tensor) -> list[tuple | None]:
     also skips torch's module call. Whole trackers, one Zen 4 core, bf16, interleaved medians with
     and without the plan: OSTrack-256 232.1 -> 229.6 ms (per-round ratio 0.986), CompressTracker-4
     117.4 -> 116.5 ms (0.993)."""
-    if not blocks or _global_hooks() or not _native_x_served(x, None):
+    if not blocks or not _native_x_served(x, None):
         return [None] * len(blocks)
-    return [(_native_attn_args(b, x), _native_mlp_args(b, x))
-            if isinstance(b, FusedBlock) and _takes_native_args(type(b)) and _calls_forward_directly(b) else None
-            for b in blocks]
+    return [NativePlanEntry(_native_attn_args(b, x), _native_mlp_args(b, x), x.dtype)
+            if isinstance(b, FusedBlock) and _takes_native_args(type(b).forward) and _calls_forward_directly(b)
+            else None for b in blocks]
 
 
-def call_block(block: nn.Module, planned: tuple | None, *args, **kwargs):
+def call_block(block: nn.Module, planned: NativePlanEntry | None, *args, **kwargs):
     """``block(*args, **kwargs)``; with a `native_plan` entry, ``block.forward`` with it (what the
     call would run, minus the rule and torch's module call)."""
     if planned is None:
