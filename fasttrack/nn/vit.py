@@ -191,9 +191,10 @@ def norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def fused_final_norm(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A fused backbone's final ``backbone.norm(x)``: through `norm_forward` (fasttrack's LayerNorm
-    kernel where it serves; ~0.27 -> ~0.07 ms for 320 x 768 bf16 tokens after the last block, one
-    Zen 4 core) when calling the module would just run its forward, else the module call (its
-    hooks run). The reference classes call the module: torch's LayerNorm."""
+    kernel where it serves) when calling the module would just run its forward, else the module
+    call (its hooks run). The reference classes call the module: torch's LayerNorm. Measured right
+    after the last block (CompressTracker-4, 320 x 768 bf16 tokens, one Zen 4 core, interleaved):
+    242 µs torch's, 210 µs this; most of either is the cold call, not the arithmetic."""
     norm = backbone.norm
     return norm_forward(norm, x) if _calls_forward_directly(norm) else norm(x)
 
