@@ -89,6 +89,18 @@ def count_kernel_calls(monkeypatch, name: str) -> list:
     return calls
 
 
+def assert_refused(name: str, wrapper, cases) -> None:
+    """Every ``(args, exception type, message regex)`` of ``cases`` is refused, naming the
+    argument, by the Python wrapper and by the raw ``torch.ops.fasttrack.<name>`` call alike."""
+    import pytest
+    op = getattr(torch.ops.fasttrack, name)
+    for args, exc, msg in cases:
+        with torch.no_grad():
+            for fn in (wrapper, op):
+                with pytest.raises(exc, match=rf"fasttrack\.{name}: {msg}"):
+                    fn(*args)
+
+
 def run_capped(code: str, capability: str = "avx2", timeout: int = 300):
     """Run ``code`` in a fresh interpreter with ``ATEN_CPU_CAPABILITY=capability`` (the kernels
     follow ATen's cap, read at load); asserts it exits 0 and prints ``ok``."""

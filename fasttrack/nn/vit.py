@@ -617,7 +617,7 @@ class FusedBlock(nn.Module):
     def attn_residual(self, x, mask=None, native_args=None):
         """``(x + drop_path(attn(norm1(x))), q, k, attn map or None)`` (`FusedAttention.forward_qk`;
         one C++ call where `native_block_serves`). ``native_args``: this block's `native_plan` entry."""
-        args = _planned(native_args, 0, x, mask) if native_args is not None else _native_attn_args(self, x, mask)
+        args = _half_args(self, native_args, 0, x, mask)
         if args is not None:
             y, qkv = _NATIVE.vit_attn_residual(x, *args)
             q, k, _ = self.attn._split(qkv)
@@ -632,7 +632,7 @@ class FusedBlock(nn.Module):
 
     def mlp_residual(self, x, native_args=None):
         """``x + drop_path(mlp(norm2(x)))`` (one C++ call where `native_block_serves`)."""
-        args = _planned(native_args, 1, x) if native_args is not None else _native_mlp_args(self, x)
+        args = _half_args(self, native_args, 1, x)
         if args is not None:
             return _NATIVE.vit_mlp_residual(x, *args)
         if identity_like(self.drop_path):
@@ -648,11 +648,11 @@ class FusedBlock(nn.Module):
             y, attn = self.attn(self.norm1(x), mask, True)
             x = x + self.drop_path(y)
         else:
-            args = _planned(native_args, 0, x, mask) if native_args is not None else _native_attn_args(self, x, mask)
+            args = _half_args(self, native_args, 0, x, mask)
             if args is None:
                 x = self._attn_residual_python(x, mask)[0]
             else:
-                margs = _planned(native_args, 1, x) if native_args is not None else _native_mlp_args(self, x)
+                margs = _half_args(self, native_args, 1, x)
                 if margs is not None:   # the whole block in one call
                     return _NATIVE.vit_block(x, *args, *margs)
                 x = _NATIVE.vit_attn_residual(x, *args)[0]   # (q / k not needed: no split)
@@ -677,6 +677,14 @@ def _planned(entry: NativePlanEntry, half: int, x: torch.Tensor, mask=None):
             and not (x.requires_grad and torch.is_grad_enabled())):
         return entry[half]
     return None
+
+
+def _half_args(block: nn.Module, entry: NativePlanEntry | None, half: int, x: torch.Tensor, mask=None):
+    """A half's native arguments (0: attention, 1: MLP) or None: from the block's `native_plan`
+    entry when it has one, else from the rule."""
+    if entry is not None:
+        return _planned(entry, half, x, mask)
+    return _native_attn_args(block, x, mask) if half == 0 else _native_mlp_args(block, x)
 
 
 @functools.lru_cache(maxsize=None)
