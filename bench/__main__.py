@@ -15,7 +15,8 @@ paired` times `PrunedLinear` and its pre-packed oneDNN anchor alternately (see b
 `python -m bench traffic` models every Triton launcher's GPU memory traffic against the op's
 minimum bytes (see bench/traffic.py); `python -m bench peers` times fused fasttrack against ONNX
 Runtime and OpenVINO on the exported networks (see bench/peers.py); `python -m bench attention` times
-the CPU attention core against the cores it replaces (see bench/attention.py).
+the CPU attention core against the cores it replaces (see bench/attention.py); `python -m bench gemm`
+times the panel GEMM against oneDNN's primitive it replaces (see bench/gemm.py).
 """
 from __future__ import annotations
 
@@ -153,6 +154,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "attention":
         from bench.attention import main as attention_main
         return attention_main(argv[1:])
+    if argv and argv[0] == "gemm":
+        from bench.gemm import main as gemm_main
+        return gemm_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench", description="fasttrack benchmarks, side by side")
     p.add_argument("--quick", action="store_true", help="B=1 cases only, fewer rounds")
     p.add_argument("-k", default="", help="pytest -k expression to select benchmarks")

@@ -17,7 +17,8 @@ from fasttrack.info import cpu_line
 
 SEGMENTS = ("linear", "attention", "selection", "merge", "scatter", "other")
 _KIND = {
-    "linear": ("aten::addmm", "aten::mm", "aten::linear", "mkldnn::_linear_pointwise", "aten::mkldnn_linear",
+    "linear": ("aten::addmm", "aten::mm", "aten::linear", "mkldnn::_linear_pointwise", "fasttrack::panel_linear",
+               "aten::mkldnn_linear",
                "fasttrack::pruned_linear", "aten::_addmm_activation", "mkldnn::_convolution_pointwise",
                "aten::mkldnn_convolution"),
     "attention": ("aten::_scaled_dot_product", "aten::bmm", "aten::_softmax", "aten::softmax",

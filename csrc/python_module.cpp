@@ -16,6 +16,7 @@
 #include <fasttrack/cpu_isa.h>
 #include <fasttrack/layer_norm.h>
 #include <fasttrack/output_cache.h>
+#include <fasttrack/panel_linear.h>
 #include <fasttrack/vit_block.h>
 
 #include <string>
@@ -95,6 +96,30 @@ void def_vit_block(py::module_& m) {
       py::call_guard<py::gil_scoped_release>());
 }
 
+// fasttrack.nn.linear's packed GEMM (fasttrack/panel_linear.h): rule, packing, product.
+void def_panel_linear(py::module_& m) {
+  namespace pl = fasttrack::panel_linear;
+  m.def(
+      "panel_linear_serves",
+      [](py::object dtype, int64_t in_features, int64_t out_features) {
+        return pl::serves(torch::python::detail::py_object_to_dtype(dtype), in_features, out_features);
+      },
+      "Whether fasttrack's panel GEMM serves a weight of this dtype and shape here (fasttrack/panel_linear.h)");
+  m.def("panel_pack", &pl::pack, "A [N, K] weight packed for panel_linear ([N/64, K, 64])",
+        py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "panel_linear",
+      [](const Tensor& x, const Tensor& packed, const OptTensor& bias, bool gelu, const OptTensor& residual) {
+        TORCH_CHECK_VALUE(!(gelu && residual.has_value()),
+                          "fasttrack.panel_linear: `gelu` and `residual` are two epilogues; give at most one");
+        RECORD_FUNCTION("fasttrack::panel_linear", std::vector<c10::IValue>());
+        const auto epilogue = residual.has_value() ? pl::Epilogue::add : gelu ? pl::Epilogue::gelu : pl::Epilogue::none;
+        return pl::linear(x, packed, bias, epilogue, residual);
+      },
+      "x @ W.T + bias [then GELU, or + residual] with W packed by panel_pack",
+      py::call_guard<py::gil_scoped_release>());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -139,4 +164,5 @@ PYBIND11_MODULE(_C, m) {
   CpuKernel<Tensor(const Tensor&, int64_t, double)>::def(cpu, "_attention");
   CpuKernel<Tensor(const Tensor&, const OptTensor&, const OptTensor&, double)>::def(cpu, "_layer_norm");
   def_vit_block(cpu);
+  def_panel_linear(cpu);
 }

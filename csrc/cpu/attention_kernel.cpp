@@ -116,20 +116,6 @@ void for_row_tiles(int64_t m, F&& f) {
   }
 }
 
-// exp(x): x = n·ln2 + f, |f| <= ln2/2, 2^n · Taylor(f). Degree 7: relative error < 1e-8 before
-// rounding; degree 5: < 3e-6. Denormal results as expf (scalef), 0 below -150 (-inf included: the
-// clamp keeps f finite); NaN stays NaN.
-template <int kDegree>
-inline __m512 exp_ps(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-150.f)), _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
-  static constexpr float kInvFactorial[8] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040};
-  __m512 p = _mm512_set1_ps(kInvFactorial[kDegree]);
-  for (int i = kDegree - 1; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kInvFactorial[i]));
-  return _mm512_mask_mov_ps(_mm512_scalef_ps(p, n), _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
-}
-
 // Row i of S (n scores): p_j = exp(s_j·scale - max_j(s_j·scale)) written to P (fp32 in place, or
 // bf16); returns sum_j p_j (fp32, unrounded). A NaN or +inf score makes the row NaN, as softmax.
 template <typename P>
@@ -151,12 +137,12 @@ float softmax_row(float* s, int64_t n, float scale, P* p_out) {
     }
   };
   for (int64_t j = 0; j < n16; j += 16) {
-    const __m512 p = exp_ps<kDegree>(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vs, m));
+    const __m512 p = simd::exp_ps<kDegree>(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vs, m));
     put(j, p, 0xFFFF);
     sum = _mm512_add_ps(sum, p);
   }
   if (tail) {
-    const __m512 p = exp_ps<kDegree>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, s + n16), vs, m));
+    const __m512 p = simd::exp_ps<kDegree>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, s + n16), vs, m));
     put(n16, p, tail);
     sum = _mm512_mask_add_ps(sum, tail, sum, p);
   }

@@ -6,10 +6,9 @@
 #include <ATen/record_function.h>
 #include <c10/util/Exception.h>
 
-#include <string_view>
-
 #include <fasttrack/attention.h>
 #include <fasttrack/layer_norm.h>
+#include <fasttrack/panel_linear.h>
 
 namespace fasttrack {
 namespace attention {
@@ -31,15 +30,29 @@ c10::OperatorHandle mkldnn_op(const char* name, const char* overload) {
   return *op;
 }
 
-at::Tensor linear(const at::Tensor& x, const LinearArgs& l, std::string_view attr, std::string_view algorithm) {
+// A weight packed by fasttrack::panel_linear::pack (a strided [N/64, K, 64] tensor) runs that GEMM;
+// one reordered by oneDNN (an opaque oneDNN tensor) runs oneDNN's primitive. The Python path
+// (fasttrack.nn.linear.packed_linear*) dispatches on the same form, so both run the same kernel.
+bool is_panel(const LinearArgs& l) { return l.packed_weight.layout() == at::kStrided; }
+
+at::Tensor panel(const at::Tensor& x, const LinearArgs& l, panel_linear::Epilogue epilogue,
+                 const std::optional<at::Tensor>& residual) {
+  RECORD_FUNCTION("fasttrack::panel_linear", std::vector<c10::IValue>());
+  return panel_linear::linear(x, l.packed_weight, l.bias, epilogue, residual);
+}
+
+// x @ Wᵀ + b, then the exact GELU where `gelu`
+at::Tensor linear(const at::Tensor& x, const LinearArgs& l, bool gelu) {
+  if (is_panel(l)) return panel(x, l, gelu ? panel_linear::Epilogue::gelu : panel_linear::Epilogue::none, {});
   static const auto op = mkldnn_op("mkldnn::_linear_pointwise", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, c10::string_view,
                                                Scalars, std::optional<c10::string_view>)>();
-  return op.call(x, l.packed_weight, l.bias, attr, Scalars(), algorithm);
+  return op.call(x, l.packed_weight, l.bias, gelu ? "gelu" : "none", Scalars(), gelu ? "none" : "");
 }
 
-// other + x @ Wᵀ + b (oneDNN sum post-op)
+// other + x @ Wᵀ + b (oneDNN: sum post-op)
 at::Tensor linear_add(const at::Tensor& x, const at::Tensor& other, const LinearArgs& l) {
+  if (is_panel(l)) return panel(x, l, panel_linear::Epilogue::add, other);
   static const auto op = mkldnn_op("mkldnn::_linear_pointwise", "binary")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                const OptTensor&, c10::string_view)>();
@@ -71,7 +84,7 @@ void check_x(const at::Tensor& x, const char* fn) {
 std::tuple<at::Tensor, at::Tensor> attn_residual(const at::Tensor& x, const LayerNormArgs& norm1, const LinearArgs& qkv,
                                                  const LinearArgs& proj, int64_t num_heads, double scale) {
   check_x(x, "attn_residual");
-  at::Tensor qkv_out = linear(norm(x, norm1), qkv, "none", "");
+  at::Tensor qkv_out = linear(norm(x, norm1), qkv, false);
   TORCH_CHECK_VALUE(qkv_out.dim() == 3 && qkv_out.size(2) == 3 * x.size(2), "fasttrack.vit.attn_residual: the qkv ",
                     "weight must map C=", x.size(2), " to 3*C, got an output of shape ", qkv_out.sizes());
   at::Tensor o = attention_core(qkv_out, num_heads, scale);
@@ -80,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> attn_residual(const at::Tensor& x, const Laye
 
 at::Tensor mlp_residual(const at::Tensor& x, const LayerNormArgs& norm2, const LinearArgs& fc1, const LinearArgs& fc2) {
   check_x(x, "mlp_residual");
-  return linear_add(linear(norm(x, norm2), fc1, "gelu", "none"), x, fc2);
+  return linear_add(linear(norm(x, norm2), fc1, true), x, fc2);
 }
 
 at::Tensor block(const at::Tensor& x, const LayerNormArgs& norm1, const LinearArgs& qkv, const LinearArgs& proj,

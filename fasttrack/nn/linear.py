@@ -1,9 +1,12 @@
-"""`FastLinear`: `nn.Linear` whose CPU inference forward runs oneDNN with a pre-packed weight.
+"""`FastLinear`: `nn.Linear` whose CPU inference forward runs a GEMM on a pre-packed weight.
 
 Why: on the CPUs this package targets, `F.linear` on an fp32 ``[d_out, d_in]`` weight re-lays the
 weight out for the GEMM on every call; oneDNN with the weight reordered once into its blocked
 format (`mkldnn._reorder_linear_weight`) and `mkldnn._linear_pointwise` is ~2x faster for the ViT-B
-linears at 320 tokens (fp32; ~1.4x for bf16), see ``bench/bench_linear.py``.
+linears at 320 tokens (fp32; ~1.4x for bf16), see ``bench/bench_linear.py``. Where `panel_serves`
+(AVX-512 CPUs, out_features a multiple of 64) the weight is packed for fasttrack's own panel GEMM
+over oneDNN's brgemm micro-kernel instead (csrc/include/fasttrack/panel_linear.h), 3-9% faster
+again: it skips oneDNN's per-call primitive setup.
 
 Dispatch rule (`FastLinear.uses_packed` states it; tests check it). The packed path runs when all of:
 - oneDNN is available, the input is on CPU, and x / weight (/ bias) are all float32 or all bfloat16
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttrack import _extension
 from fasttrack.backend import capturing_graph
 from fasttrack.nn.derived import Derived
 
@@ -55,19 +59,73 @@ def packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return True
 
 
-class PackedWeight(Derived):
-    """A oneDNN pre-packed copy of a weight, rebuilt when the weight changes (`fasttrack.nn.derived`
-    states what is seen). Shared by `FastLinear` and `fasttrack.nn.pruned.PrunedLinear`."""
+def _panel_module():
+    cpu = getattr(_extension._C, "cpu", None) if _extension.loaded else None
+    return cpu if cpu is not None and hasattr(cpu, "panel_linear") else None
 
-    __slots__ = ()
+
+_PANEL = _panel_module()
+
+
+def panel_serves(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` ([out_features, in_features]) is packed for fasttrack's panel GEMM
+    (`fasttrack._C.cpu.panel_linear`) rather than for oneDNN's primitive. The rule is the C++ one
+    (csrc/include/fasttrack/panel_linear.h): float32 / bfloat16, out_features a multiple of 64 (an
+    even in_features for bfloat16), an AVX-512 CPU without AMX (AVX512_BF16 for bfloat16) under
+    ATEN_CPU_CAPABILITY, oneDNN's brgemm micro-kernel present and oneDNN enabled."""
+    return (_PANEL is not None and weight.dim() == 2
+            and _PANEL.panel_linear_serves(weight.dtype, weight.shape[1], weight.shape[0]))
+
+
+class PackedWeight(Derived):
+    """A packed copy of a weight for the packed CPU GEMMs, rebuilt when the weight changes
+    (`fasttrack.nn.derived` states what is seen): fasttrack's panel layout where `panel_serves`,
+    else oneDNN's reordered weight (this cache itself). Each form has its own cache, so a rule that
+    changes between calls (``torch.backends.mkldnn.flags(enabled=False)``) never pairs a form with
+    the other kernel. Shared by `FastLinear` and `fasttrack.nn.pruned.PrunedLinear`."""
+
+    __slots__ = ("_panel",)
+
+    def __init__(self):
+        self._panel = Derived()
+        super().__init__()
+
+    def clear(self) -> None:
+        super().clear()
+        self._panel.clear()
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
+        if panel_serves(weight):
+            return self._panel.get((weight,), lambda: _PANEL.panel_pack(weight.detach()))
         return super().get((weight,), lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
 
 
+# The packed GEMMs dispatch on the weight's packed form: an opaque oneDNN tensor runs oneDNN's
+# primitive (torch.ops.mkldnn._linear_pointwise), a strided [N/64, K, 64] one fasttrack's panel
+# GEMM. Measured on the Zen 4 VM (bench/bench_linear.py --panel, ViT-B linears at 320 tokens,
+# interleaved medians): the panel GEMM with its epilogue takes 0.94-0.97x oneDNN's time with the
+# same post-op on 1 thread, 0.91-0.98x on 2, bf16 and fp32 alike.
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ W.T + bias`` through oneDNN with the weight pre-packed by `PackedWeight`."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    """``x @ W.T + bias`` with the weight packed by `PackedWeight` (or oneDNN's reorder)."""
+    if packed.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return _PANEL.panel_linear(x.contiguous(), packed, bias, False, None)
+
+
+def packed_linear_gelu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``gelu(x @ W.T + bias)``, exact (erf) GELU, as one call (oneDNN: a GELU post-op)."""
+    if packed.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu", [], "none")
+    return _PANEL.panel_linear(x.contiguous(), packed, bias, True, None)
+
+
+def packed_linear_add(x: torch.Tensor, residual: torch.Tensor, packed: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """``residual + (x @ W.T + bias)`` as one call (oneDNN: a sum post-op); x and residual contiguous,
+    residual of the output's shape and dtype."""
+    if packed.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
+    return _PANEL.panel_linear(x, packed, bias, False, residual)
 
 
 class FastLinear(nn.Linear):

@@ -33,7 +33,8 @@ from torch import nn
 
 from fasttrack import _extension, reference
 from fasttrack.backend import current_backend
-from fasttrack.nn.linear import FastLinear, PackedWeight, packable, packed_linear
+from fasttrack.nn.linear import (FastLinear, PackedWeight, packable, packed_linear, packed_linear_add,
+                                 packed_linear_gelu)
 from fasttrack.nn.vit import Block, identity_like, is_exact_gelu, linear_add
 from fasttrack.ops.pruned_linear import gather_kept, pruned_linear
 
@@ -145,12 +146,11 @@ class PrunedLinear(nn.Module):
 
     def forward_gelu(self, x: torch.Tensor, act: nn.Module, norm: nn.LayerNorm | None = None) -> torch.Tensor:
         """``act(self(x, norm))``; on the packed path an exact GELU runs as the GEMM's oneDNN post-op,
-        so the ``[M, out_features]`` activation is written once."""
+        so the ``[M, out_features]`` activation is written once (`packed_linear_gelu`)."""
         if is_exact_gelu(act):
             h = self._gathered(x, self._norm_args(norm))
             if h is not None:
-                out = torch.ops.mkldnn._linear_pointwise(h, self._packed.get(self.weight), self.bias, "gelu", [],
-                                                         "none")
+                out = packed_linear_gelu(h, self._packed.get(self.weight), self.bias)
                 return out.view(*x.shape[:-1], self.out_features)
         return act(self(x, norm))
 
@@ -161,8 +161,8 @@ class PrunedLinear(nn.Module):
                 and residual.is_contiguous() and not (_grad_enabled() and residual.requires_grad)):
             h = self._gathered(x, self._norm_args(norm))
             if h is not None:
-                out = torch.ops.mkldnn._linear_pointwise.binary(h, residual.view(h.shape[0], self.out_features),
-                                                                self._packed.get(self.weight), self.bias, "add")
+                out = packed_linear_add(h, residual.view(h.shape[0], self.out_features),
+                                        self._packed.get(self.weight), self.bias)
                 return out.view(residual.shape)
         return residual + self(x, norm)
 

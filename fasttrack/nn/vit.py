@@ -7,9 +7,10 @@ explicit ``softmax(q·kᵀ·scale)`` attention, parameter names ``qkv``, ``proj`
 
 Fused twins (`FusedAttention`, `FusedMlp`, `FusedBlock`) take the same constructor and produce the
 same state-dict keys, and are built for CPU inference speed:
-- linears are `FastLinear` (oneDNN, pre-packed weights); where the packed path runs, the GELU of
-  the MLP and the residual adds after ``proj`` / ``fc2`` are fused into the GEMM as oneDNN
-  post-ops, so the ``[B, N, 4C]`` hidden activation and the residual sum are written once;
+- linears are `FastLinear` (pre-packed weights: fasttrack's panel GEMM or oneDNN's primitive,
+  `fasttrack.nn.linear`); where the packed path runs, the GELU of the MLP and the residual adds
+  after ``proj`` / ``fc2`` are the GEMM's epilogue (oneDNN: post-ops), so the ``[B, N, 4C]`` hidden
+  activation and the residual sum are written once;
 - the attention core, unless the caller asks for the map (``return_attention=True``: then the
   official explicit math runs, so the map is exactly the reference's), is fasttrack's CPU kernel
   (`fasttrack.ops.attention_core`, read in place from the qkv output) where it serves the input
@@ -42,7 +43,7 @@ from fasttrack.nn.init import trunc_normal_
 from fasttrack.nn.derived import Derived
 from fasttrack import _extension
 from fasttrack.backend import capturing_graph
-from fasttrack.nn.linear import FastLinear, packable, packed_linear
+from fasttrack.nn.linear import FastLinear, packable, packed_linear, packed_linear_add, packed_linear_gelu
 from fasttrack.ops._registry import calls_cpu_kernel
 from fasttrack.ops.attention import attention_core, fast_path_serves
 from fasttrack.ops.layer_norm import fast_path_serves as layer_norm_fast_path, layer_norm as layer_norm_op
@@ -151,27 +152,27 @@ def init_vit_weights(m):
 
 
 # --------------------------------------------------------------------------------------------
-# GEMM + epilogue helpers (oneDNN post-ops on the packed path, plain PyTorch otherwise)
+# GEMM + epilogue helpers (the packed GEMM's epilogue on the packed path, plain PyTorch otherwise)
 # --------------------------------------------------------------------------------------------
 def is_exact_gelu(act: nn.Module) -> bool:
     return type(act) is nn.GELU and act.approximate == "none"
 
 
 def linear_gelu(fc: nn.Linear, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
-    """``act(fc(x))``; one oneDNN call with a GELU post-op when ``fc`` takes the packed path."""
+    """``act(fc(x))``; one packed GEMM with the GELU as its epilogue when ``fc`` takes the packed path."""
     if isinstance(fc, FastLinear) and is_exact_gelu(act) and fc.uses_packed(x):
-        return torch.ops.mkldnn._linear_pointwise(x, fc._packed.get(fc.weight), fc.bias, "gelu", [], "none")
+        return packed_linear_gelu(x, fc._packed.get(fc.weight), fc.bias)
     return act(fc(x))
 
 
 def linear_add(fc: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``residual + fc(x)``; one oneDNN call with a sum post-op when ``fc`` takes the packed path
+    """``residual + fc(x)``; one packed GEMM with the add as its epilogue when ``fc`` takes the packed path
     (the caller guarantees nothing — dropout, drop-path, layer scale — sits between them). The
     post-op is not differentiable, so a residual that needs a gradient takes the plain path."""
     if (isinstance(fc, FastLinear) and fc.uses_packed(x) and residual.dtype == x.dtype
             and not (torch.is_grad_enabled() and residual.requires_grad)
             and residual.shape[:-1] == x.shape[:-1] and residual.is_contiguous() and x.is_contiguous()):
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, fc._packed.get(fc.weight), fc.bias, "add")
+        return packed_linear_add(x, residual, fc._packed.get(fc.weight), fc.bias)
     return residual + fc(x)
 
 

@@ -119,5 +119,21 @@ __attribute__((target("avx512f,avx512bw"))) inline void transpose_lanes(__m512i*
 #pragma GCC diagnostic pop
 #endif
 
+#if defined(FT_HAVE_AVX2_PATH)
+// exp(x): x = n·ln2 + f, |f| <= ln2/2, 2^n · Taylor(f). Degree 7: relative error < 1e-8 before
+// rounding; degree 5: < 3e-6. Denormal results as expf (scalef), 0 below -150 (-inf included: the
+// clamp keeps f finite); NaN stays NaN.
+template <int kDegree>
+__attribute__((target("avx512f"))) inline __m512 exp_ps(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-150.f)), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
+  static constexpr float kInvFactorial[8] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040};
+  __m512 p = _mm512_set1_ps(kInvFactorial[kDegree]);
+  for (int i = kDegree - 1; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kInvFactorial[i]));
+  return _mm512_mask_mov_ps(_mm512_scalef_ps(p, n), _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+#endif
+
 }  // namespace simd
 }  // namespace fasttrack

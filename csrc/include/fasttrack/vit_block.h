@@ -1,10 +1,12 @@
 // The fused ViT block's CPU inference path as one C++ call (csrc/cpu/vit_block.cpp): the same
-// registered ops the Python path of fasttrack.nn.vit.FusedBlock runs (fasttrack::_layer_norm,
-// mkldnn::_linear_pointwise, fasttrack::_attention), in the same order, so the result is
+// kernels the Python path of fasttrack.nn.vit.FusedBlock runs (fasttrack::_layer_norm,
+// the packed GEMMs, fasttrack::_attention), in the same order, so the result is
 // bit-identical; only the Python between them is gone (~0.4 ms of a 26 ms bf16 ViT-B block at 320
 // tokens on one Zen 4 core). fasttrack.nn.vit.native_block_serves states when it is used.
 //
-// Weights are oneDNN-packed (torch.ops.mkldnn._reorder_linear_weight); biases and LayerNorm
+// Weights are packed for fasttrack::panel_linear (fasttrack/panel_linear.h) where its rule serves
+// them, else by oneDNN (torch.ops.mkldnn._reorder_linear_weight): fasttrack.nn.linear.PackedWeight
+// picks, and each GEMM here runs the kernel its weight's form belongs to. Biases and LayerNorm
 // parameters are optional, as in nn.LayerNorm / nn.Linear.
 #pragma once
 

@@ -1,0 +1,97 @@
+"""`python -m bench gemm [--rounds N] [--threads T]` — the packed-GEMM dispatch rule, measured.
+
+`fasttrack.nn.linear.PackedWeight` packs a weight for fasttrack's panel GEMM where `panel_serves`
+(csrc/include/fasttrack/panel_linear.h), and for oneDNN's primitive (`mkldnn._linear_pointwise`)
+elsewhere. This times both on the same inputs, interleaved call by call in an order rotated every
+round, each with the epilogue the fused blocks give it (qkv: none, proj / fc2: + residual, fc1:
+exact GELU), at the ViT-B linears of OSTrack-256 (320 tokens per image) for B=1 and B=8, and the
+eager ``F.linear`` (+ the same epilogue) as a third; medians over rounds. The panel GEMM runs only
+where the rule holds; the ratios say by how much it is faster there.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fasttrack.info import cpu_line
+from fasttrack.nn.linear import (PackedWeight, packed_linear, packed_linear_add, packed_linear_gelu,
+                                 panel_serves)
+
+# name, d_in, d_out, epilogue
+LINEARS = [("qkv", 768, 2304, "none"), ("proj", 768, 768, "add"), ("fc1", 768, 3072, "gelu"),
+           ("fc2", 3072, 768, "add")]
+
+
+def providers(x, weight, bias, residual, epilogue):
+    """The panel GEMM, oneDNN's primitive (both on their own packed weight) and eager, one epilogue."""
+    panel = PackedWeight().get(weight)
+    onednn = torch.ops.mkldnn._reorder_linear_weight(weight)
+
+    def packed(w):
+        if epilogue == "gelu":
+            return lambda: packed_linear_gelu(x, w, bias)
+        if epilogue == "add":
+            return lambda: packed_linear_add(x, residual, w, bias)
+        return lambda: packed_linear(x, w, bias)
+
+    def eager():
+        y = F.linear(x, weight, bias)
+        return F.gelu(y) if epilogue == "gelu" else residual + y if epilogue == "add" else y
+
+    return {"panel": packed(panel), "onednn": packed(onednn), "eager": eager}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench gemm", description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
+    p.add_argument("-k", default="", help="substring of 'linear/B/dtype' to select")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(cpu_line(), f"| threads {torch.get_num_threads()}", flush=True)
+    print("| linear | B | dtype | panel ms | oneDNN ms | eager ms | panel / oneDNN | (best of rounds) | "
+          "max abs diff panel vs oneDNN |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    slower = skipped = 0
+    for name, d_in, d_out, epilogue in LINEARS:
+        for B in (1, 8):
+            for dtype in (torch.float32, torch.bfloat16):
+                case = f"{name}/B{B}/{str(dtype)[6:]}"
+                if a.k not in case:
+                    continue
+                g = torch.Generator().manual_seed(0)
+                weight = (torch.randn(d_out, d_in, generator=g) * d_in ** -0.5).to(dtype)
+                bias = torch.randn(d_out, generator=g).to(dtype)
+                x = torch.randn(B, 320, d_in, generator=g).to(dtype)
+                residual = torch.randn(B, 320, d_out, generator=g).to(dtype)
+                if not panel_serves(weight):
+                    print(f"| {name} | {B} | {str(dtype)[6:]} | (not served here) | | | | | |", flush=True)
+                    skipped += 1
+                    continue
+                fns = providers(x, weight, bias, residual, epilogue)
+                times = {k: [] for k in fns}
+                order = list(fns.items())
+                with torch.no_grad():
+                    diff = (fns["panel"]().float() - fns["onednn"]().float()).abs().max().item()
+                    for r in range(a.rounds):
+                        for key, fn in order[r % len(order):] + order[:r % len(order)]:
+                            t = time.perf_counter()
+                            fn()
+                            times[key].append(time.perf_counter() - t)
+                med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+                best = min(times["panel"]) / min(times["onednn"])
+                print(f"| {name} | {B} | {str(dtype)[6:]} | {med['panel']:.3f} | {med['onednn']:.3f} | "
+                      f"{med['eager']:.3f} | {med['panel'] / med['onednn']:.3f} | {best:.3f} | {diff:.1e} |",
+                      flush=True)
+                slower += med["panel"] > med["onednn"]
+    print(f"\n{slower} case(s) where the panel GEMM is slower than oneDNN; {skipped} not served on this CPU")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""fasttrack's panel GEMM (csrc/include/fasttrack/panel_linear.h; `fasttrack._C.cpu.panel_linear`):
+the packed CPU GEMM of `FastLinear` / `PrunedLinear` / the native ViT block where its rule holds.
+
+- the rule (`panel_serves`, the C++ one) and which packed form `PackedWeight` builds;
+- parity with ``F.linear`` (+ exact GELU / + residual) in float64 on ViT-B shapes and odd ones (row
+  tails, K chunk tails, row blocks, one panel), float32 / bfloat16, 1 and 2 threads (bit-identical);
+- raw calls with bad arguments raise, naming the argument;
+- the ISA caps (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA) and a disabled oneDNN turn it off.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasttrack import _extension
+from fasttrack.nn import linear as linear_mod
+from fasttrack.nn.linear import FastLinear, PackedWeight, panel_serves
+from tests.tolerances import assert_close
+
+pytestmark = pytest.mark.skipif(linear_mod._PANEL is None, reason="needs the native extension fasttrack._C")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _served(dtype) -> bool:
+    return _extension.loaded and _extension._C.cpu.panel_linear_serves(dtype, 768, 768)
+
+
+def _needs(dtype):
+    if not _served(dtype):
+        pytest.skip(f"the panel GEMM does not serve {dtype} on this CPU ({_extension._C.cpu_isa()})")
+
+
+def _case(M, K, N, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) * K ** -0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    r = torch.randn(M, N, generator=g).to(dtype)
+    return x, w, b, r
+
+
+def _expected(x, w, b, epilogue, r):
+    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    if epilogue == "gelu":
+        y = F.gelu(y)
+    elif epilogue == "add":
+        y = y + r.double()
+    return y
+
+
+def _panel(x, packed, b, epilogue, r):
+    return linear_mod._PANEL.panel_linear(x, packed, b, epilogue == "gelu", r if epilogue == "add" else None)
+
+
+def test_rule_states_dtype_shape_and_onednn_switch():
+    C = _extension._C.cpu
+    fp32, bf16 = _served(torch.float32), _served(torch.bfloat16)
+    assert C.panel_linear_serves(torch.float32, 77, 128) == fp32         # any K for fp32
+    assert C.panel_linear_serves(torch.bfloat16, 77, 128) is False       # bf16 pairs K
+    assert C.panel_linear_serves(torch.bfloat16, 78, 128) == bf16
+    assert C.panel_linear_serves(torch.float32, 768, 100) is False       # N not a multiple of 64
+    assert C.panel_linear_serves(torch.float32, 0, 64) is False
+    assert C.panel_linear_serves(torch.float16, 768, 768) is False
+    assert C.panel_linear_serves(torch.float64, 768, 768) is False
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert C.panel_linear_serves(torch.float32, 768, 768) is False
+    if _extension._C.cpu_isa() != "avx512":
+        assert not fp32 and not bf16
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_packed_weight_form_follows_the_rule(dtype):
+    w = torch.randn(192, 64).to(dtype)
+    pw = PackedWeight()
+    packed = pw.get(w)
+    assert (not packed.is_mkldnn) == panel_serves(w)
+    if not packed.is_mkldnn:
+        assert packed.shape == (3, 64, 64) and packed.dtype == dtype
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not panel_serves(w) and pw.get(w).is_mkldnn                # the other form, its own cache
+    assert pw.get(w) is packed                                          # the first form still cached
+    odd = torch.randn(100, 64).to(dtype)
+    assert not panel_serves(odd) and PackedWeight().get(odd).is_mkldnn
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "add"])
+@pytest.mark.parametrize("M,K,N,bias", [
+    (320, 768, 2304, True),    # OSTrack-256 qkv
+    (320, 3072, 768, True),    # fc2: 4 K chunks
+    (720, 768, 768, True),     # OSTrack-384 tokens: two row blocks, a 80-row tail chunk
+    (1, 768, 64, False),       # one row, one panel, no bias
+    (131, 1000, 192, True),    # K chunk tail (768 + 232), row tail
+    (37, 2, 128, True),        # K = 2
+])
+def test_matches_reference(M, K, N, bias, epilogue, dtype):
+    _needs(dtype)
+    x, w, b, r = _case(M, K, N, dtype, bias)
+    packed = linear_mod._PANEL.panel_pack(w)
+    y = _panel(x, packed, b, epilogue, r)
+    assert y.shape == (M, N) and y.dtype == dtype
+    # fp32: K-long fp32 sums; bf16: one rounding of the output (the inputs are exact in fp32)
+    assert_close(y.double(), _expected(x, w, b, epilogue, r), dtype=dtype, scale=max(1.0, K / 256))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_leading_dims_threads_and_non_finite(dtype):
+    _needs(dtype)
+    x, w, b, r = _case(2 * 161, 384, 256, dtype)
+    packed = linear_mod._PANEL.panel_pack(w)
+    x3, r3 = x.view(2, 161, 384), r.view(2, 161, 256)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _panel(x3, packed, b, "add", r3)
+        torch.set_num_threads(2)
+        two = _panel(x3, packed, b, "add", r3)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.shape == (2, 161, 256)
+    assert torch.equal(one, two)                                        # each output tile has one owner
+    assert_close(one.view(-1, 256).double(), _expected(x, w, b, "add", r), dtype=dtype, scale=1.5)
+    bad = x.clone()
+    bad[5, 7] = float("nan")
+    bad[9, 0] = float("inf")
+    y = _panel(bad, packed, b, "gelu", None)
+    assert torch.isnan(y[5]).all() and not torch.isfinite(y[9]).all()
+    assert torch.isfinite(y[[0, 1, 2, 3, 4, 6, 7, 8]]).all()
+    empty = _panel(x[:0], packed, b, "none", None)
+    assert empty.shape == (0, 256)
+
+
+def test_gelu_epilogue_is_exact_gelu():
+    """The erf approximation (A&S 7.1.26) against float64 erf over the range that matters."""
+    _needs(torch.float32)
+    t = torch.linspace(-12, 12, 64 * 96).view(96, 64)
+    eye = torch.eye(64)
+    y = _panel(t, linear_mod._PANEL.panel_pack(eye), None, "gelu", None)
+    ref = F.gelu(t.double())
+    assert (y.double() - ref).abs().max().item() < 3e-7 * 12
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_fast_linear_repacks_when_the_weight_changes(dtype):
+    _needs(dtype)
+    m = FastLinear(128, 192).to(dtype).requires_grad_(False)
+    x = torch.randn(5, 128).to(dtype)
+    assert panel_serves(m.weight) and m.uses_packed(x)
+    before = m(x)
+    m.weight.data.mul_(2)                                               # in place through .data
+    after = m(x)
+    assert_close(after.double(), F.linear(x.double(), m.weight.double(), m.bias.double()), dtype=dtype, scale=2)
+    assert not torch.equal(before, after)
+    xt = torch.randn(128, 5).to(dtype).t()                              # a non-contiguous x
+    assert_close(m(xt).double(), F.linear(xt.double(), m.weight.double(), m.bias.double()), dtype=dtype, scale=2)
+
+
+def test_raw_calls_refuse_bad_input():
+    _needs(torch.float32)
+    P = linear_mod._PANEL
+    x, w, b, r = _case(10, 128, 128, torch.float32)
+    packed = P.panel_pack(w)
+    cases = [
+        ((x.t(), packed, b, False, None), "`x` must be a contiguous"),
+        ((x.double(), packed, b, False, None), "`packed` must have x's dtype"),
+        ((x[:, :64].contiguous(), packed, b, False, None), "`x`'s last dim must be the weight's in_features 128"),
+        ((x, w, b, False, None), "`packed` must be a weight packed by"),
+        ((x, packed[:, :, :32].contiguous(), b, False, None), "`packed` must be a weight packed by"),
+        ((x, packed, b[:64], False, None), r"`bias` must be a contiguous \[128\]"),
+        ((x, packed, b.double(), False, None), r"`bias` must be a contiguous \[128\]"),
+        ((x, packed, b, False, r[:5]), "`residual` must be a contiguous CPU tensor of x's dtype Float and shape"),
+        ((x, packed, b, False, r.t()), "`residual` must be a contiguous"),
+        ((x, packed, b, True, r), "`gelu` and `residual` are two epilogues"),
+        ((x.half(), packed.half(), b.half(), False, None), "this path does not serve a Half weight"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            P.panel_linear(*args)
+    for bad, msg in ((w[0], "`weight` must be a 2-D strided CPU tensor"),
+                     (w[:100], "does not serve a Float weight of 100 x 128"),
+                     (w.half(), "does not serve a Half weight")):
+        with pytest.raises(ValueError, match=msg):
+            P.panel_pack(bad)
+    if _served(torch.bfloat16):
+        with pytest.raises(ValueError, match="does not serve a BFloat16 weight of 128 x 127"):
+            P.panel_pack(torch.randn(128, 127).bfloat16())
+
+
+@pytest.mark.skipif(not _extension.loaded or _extension._C.cpu_isa() != "avx512",
+                    reason="the caps only matter where the panel GEMM runs")
+@pytest.mark.parametrize("env", [{"ATEN_CPU_CAPABILITY": "avx2"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}],
+                         ids=["aten-avx2", "onednn-avx2"])
+def test_isa_caps_turn_the_panel_gemm_off(env):
+    code = ("import torch\n"
+            "from fasttrack.nn.linear import FastLinear, PackedWeight, panel_serves\n"
+            "w = torch.randn(768, 768)\n"
+            "assert not panel_serves(w) and not panel_serves(w.bfloat16())\n"
+            "m = FastLinear(768, 768).requires_grad_(False)\n"
+            "x = torch.randn(3, 768)\n"
+            "assert m._packed.get(m.weight).is_mkldnn\n"
+            "torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight, m.bias), atol=1e-4, rtol=1e-4)\n"
+            "print('ok')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, **env), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
