@@ -41,6 +41,6 @@ cd "$SRC"
 export ASAN_OPTIONS="detect_leaks=0:verify_asan_link_order=0:abort_on_error=1:symbolize=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 LD_PRELOAD="$LIBASAN $LIBSTDCXX" "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable \
   tests/test_topk_select.py tests/test_merge_tokens.py tests/test_pad_scatter.py tests/test_pruned_linear.py tests/test_attention.py \
-  tests/test_registry.py tests/test_output_cache.py tests/test_reliability.py tests/test_fuzz.py tests/test_nn_vit.py tests/test_layer_norm.py \
+  tests/test_registry.py tests/test_output_cache.py tests/test_reliability.py tests/test_fuzz.py tests/test_nn_vit.py tests/test_layer_norm.py tests/test_panel_linear.py \
   -k "not triton" ${ARGS:-}
 say "ASan: no error in the kernels"

@@ -5,7 +5,8 @@ the packed CPU GEMM of `FastLinear` / `PrunedLinear` / the native ViT block wher
 - parity with ``F.linear`` (+ exact GELU / + residual) in float64 on ViT-B shapes and odd ones (row
   tails, K chunk tails, row blocks, one panel), float32 / bfloat16, 1 and 2 threads (bit-identical);
 - raw calls with bad arguments raise, naming the argument;
-- the ISA caps (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA) and a disabled oneDNN turn it off.
+- the ISA caps (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA) and a disabled oneDNN turn it off;
+- a fuzz over sizes, dtypes, epilogues and wrong arguments (also run under ASan: make asan-test).
 """
 import os
 import subprocess
@@ -14,6 +15,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fasttrack import _extension
 from fasttrack.nn import linear as linear_mod
@@ -208,3 +211,47 @@ def test_isa_caps_turn_the_panel_gemm_off(env):
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, **env), capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+@settings(max_examples=int(os.environ.get("FASTTRACK_PANEL_FUZZ", "40")), deadline=None, derandomize=True,
+          database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_raw_calls(data):
+    """Random sizes around the blocking boundaries, with one argument made wrong at times: a served
+    call matches the float64 product, a wrong one raises ValueError; nothing else happens."""
+    dtype = data.draw(st.sampled_from(DTYPES))
+    _needs(dtype)
+    P = linear_mod._PANEL
+    M = data.draw(st.sampled_from([0, 1, 5, 127, 128, 129, 513]))
+    K = data.draw(st.sampled_from([2, 6, 64, 766, 768, 770, 1538]))
+    N = 64 * data.draw(st.integers(1, 4))
+    epilogue = data.draw(st.sampled_from(["none", "gelu", "add"]))
+    x, w, b, r = _case(M, K, N, dtype, data.draw(st.booleans()), seed=data.draw(st.integers(0, 2 ** 16)))
+    packed = P.panel_pack(w)
+    wrong = data.draw(st.sampled_from([None, None, "x-width", "x-strided", "bias-size", "residual-shape",
+                                       "packed-dtype", "x-3d"]))
+    args = [x, packed, b, epilogue == "gelu", r if epilogue == "add" else None]
+    if wrong == "x-width":
+        args[0] = torch.randn(M, K + 2).to(dtype)
+    elif wrong == "x-strided" and M > 1:
+        args[0] = torch.randn(K, M).to(dtype).t()
+    elif wrong == "bias-size":
+        args[2] = torch.randn(N + 64).to(dtype)
+    elif wrong == "residual-shape" and epilogue == "add":
+        args[4] = torch.randn(M + 1, N).to(dtype)
+    elif wrong == "packed-dtype":
+        args[1] = packed.double()
+    elif wrong == "x-3d" and M:
+        args[0] = x.view(1, M, K)
+        if epilogue == "add":
+            args[4] = r.view(1, M, N)
+        wrong = None                                   # leading dims are fine
+    else:
+        wrong = None
+    if wrong is not None:
+        with pytest.raises(ValueError, match="fasttrack.panel_linear"):
+            P.panel_linear(*args)
+        return
+    y = P.panel_linear(*args)
+    assert y.shape == (*args[0].shape[:-1], N) and y.dtype == dtype
+    assert_close(y.reshape(M, N).double(), _expected(x, w, b, epilogue, r), dtype=dtype, scale=max(1.0, K / 256))
