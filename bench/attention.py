@@ -11,14 +11,12 @@ the ratios say by how much.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 
 import torch
 
 from fasttrack import reference
-from fasttrack.info import cpu_line
+from bench.interleaved import time_rounds, tool_args
 from fasttrack.nn.vit import FusedAttention
 from fasttrack.ops import attention_core
 from fasttrack.ops.attention import fast_path_serves
@@ -40,14 +38,7 @@ def providers(qkv, H, scale):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench attention", description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
-    p.add_argument("-k", default="", help="substring of 'shape/dtype' to select")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    print(cpu_line(), f"| threads {torch.get_num_threads()}", flush=True)
+    a = tool_args("attention", __doc__, 15, "shape/dtype", argv)
     print("| shape | dtype | kernel path | kernel ms | SDPA ms | explicit ms | eager spec ms | "
           "replaced core / kernel | max abs err vs spec |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
@@ -59,15 +50,9 @@ def main(argv=None) -> int:
             qkv = torch.randn(B, N, 3 * C).to(dtype)
             scale = (C // H) ** -0.5
             fns = providers(qkv, H, scale)
-            times = {k: [] for k in fns}
-            order = list(fns.items())
             with torch.no_grad():
                 err = (fns["kernel"]().float() - fns["reference"]().float()).abs().max().item()
-                for r in range(a.rounds):
-                    for key, fn in order[r % len(order):] + order[:r % len(order)]:
-                        t = time.perf_counter()
-                        fn()
-                        times[key].append(time.perf_counter() - t)
+                times = time_rounds(fns, a.rounds)
             med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
             replaced = "sdpa" if dtype == torch.float32 else "explicit"
             path = "vectorised" if fast_path_serves(dtype, C // H) else "composite"

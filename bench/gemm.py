@@ -10,14 +10,12 @@ where the rule holds; the ratios say by how much it is faster there.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from fasttrack.info import cpu_line
+from bench.interleaved import time_rounds, tool_args
 from fasttrack.nn.linear import (PackedWeight, packed_linear, packed_linear_add, packed_linear_gelu,
                                  panel_serves)
 
@@ -46,14 +44,7 @@ def providers(x, weight, bias, residual, epilogue):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench gemm", description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
-    p.add_argument("-k", default="", help="substring of 'linear/B/dtype' to select")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    print(cpu_line(), f"| threads {torch.get_num_threads()}", flush=True)
+    a = tool_args("gemm", __doc__, 20, "linear/B/dtype", argv)
     print("| linear | B | dtype | panel ms | oneDNN ms | eager ms | panel / oneDNN | (best of rounds) | "
           "max abs diff panel vs oneDNN |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
@@ -74,15 +65,9 @@ def main(argv=None) -> int:
                     skipped += 1
                     continue
                 fns = providers(x, weight, bias, residual, epilogue)
-                times = {k: [] for k in fns}
-                order = list(fns.items())
                 with torch.no_grad():
                     diff = (fns["panel"]().float() - fns["onednn"]().float()).abs().max().item()
-                    for r in range(a.rounds):
-                        for key, fn in order[r % len(order):] + order[:r % len(order)]:
-                            t = time.perf_counter()
-                            fn()
-                            times[key].append(time.perf_counter() - t)
+                    times = time_rounds(fns, a.rounds)
                 med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
                 best = min(times["panel"]) / min(times["onednn"])
                 print(f"| {name} | {B} | {str(dtype)[6:]} | {med['panel']:.3f} | {med['onednn']:.3f} | "

@@ -37,12 +37,12 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from bench.interleaved import time_rounds
 from fasttrack import zoo
 from fasttrack.info import cpu_line
 
@@ -182,22 +182,6 @@ def check_peers(family: str, batch: int, depth: int | None, threads: int, workdi
     return case, inputs, ref_out, runners, checks
 
 
-def _time_rounds(providers: dict, rounds: int) -> dict:
-    """``{name: [seconds per round]}``: every provider once per round, order rotated each round."""
-    names = list(providers)
-    for fn in providers.values():
-        for _ in range(3):
-            fn()
-    times = {n: [] for n in names}
-    for r in range(rounds):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
-            t = time.perf_counter()
-            providers[n]()
-            times[n].append(time.perf_counter() - t)
-    return times
-
-
 def _ratio(times, a, b):
     """Median and (min, max) over rounds of time[a] / time[b]."""
     if a not in times or b not in times:
@@ -232,7 +216,7 @@ def run_config(family: str, batch: int, threads: int, rounds: int, use_compile: 
         providers["compile"] = lambda: c32(*inputs)
         providers["compile-bf16"] = lambda: c16(*inputs16)
     with torch.no_grad():
-        times = _time_rounds(providers, rounds)
+        times = time_rounds(providers, rounds, warmup=3)
     if use_compile:
         torch._dynamo.reset()
     rows = []
