@@ -15,8 +15,8 @@ import statistics
 
 import torch
 
-from fasttrack import reference
 from bench.interleaved import time_rounds, tool_args
+from fasttrack import reference
 from fasttrack.nn.vit import FusedAttention
 from fasttrack.ops import attention_core
 from fasttrack.ops.attention import fast_path_serves

@@ -7,6 +7,8 @@ the packed CPU GEMM of `FastLinear` / `PrunedLinear` / the native ViT block wher
 - raw calls with bad arguments raise, naming the argument;
 - the ISA caps (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA) and a disabled oneDNN turn it off;
 - a fuzz over sizes, dtypes, epilogues and wrong arguments (also run under ASan: make asan-test).
+Not reachable here: AMX CPUs and AVX-512 CPUs without AVX512_BF16 (the rule's AMX and bf16 clauses
+are only read, through `panel_linear_serves`, on the CPU the suite runs on).
 """
 import os
 import subprocess
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 
 from fasttrack import _extension
 from fasttrack.nn import linear as linear_mod
+from fasttrack.nn.derived import refresh
 from fasttrack.nn.linear import FastLinear, PackedWeight, panel_serves
 from tests.tolerances import assert_close
 
@@ -77,6 +80,8 @@ def test_rule_states_dtype_shape_and_onednn_switch():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_packed_weight_form_follows_the_rule(dtype):
+    if dtype not in linear_mod._PACKED_DTYPES:
+        pytest.skip(f"oneDNN cannot pack {dtype} on this CPU: no packed form at all")
     w = torch.randn(192, 64).to(dtype)
     pw = PackedWeight()
     packed = pw.get(w)
@@ -131,20 +136,29 @@ def test_leading_dims_threads_and_non_finite(dtype):
     bad[5, 7] = float("nan")
     bad[9, 0] = float("inf")
     y = _panel(bad, packed, b, "gelu", None)
-    assert torch.isnan(y[5]).all() and not torch.isfinite(y[9]).all()
+    assert torch.isnan(y[5]).all() and not torch.isfinite(y[9]).any()
     assert torch.isfinite(y[[0, 1, 2, 3, 4, 6, 7, 8]]).all()
     empty = _panel(x[:0], packed, b, "none", None)
     assert empty.shape == (0, 256)
+    strided_bias = torch.stack([b, b], 1)[:, 0]                         # any strides, as oneDNN takes
+    assert not strided_bias.is_contiguous()
+    assert torch.equal(_panel(x, packed, strided_bias, "none", None), _panel(x, packed, b, "none", None))
 
 
 def test_gelu_epilogue_is_exact_gelu():
     """The erf approximation (A&S 7.1.26) against float64 erf over the range that matters."""
     _needs(torch.float32)
     t = torch.linspace(-12, 12, 64 * 96).view(96, 64)
-    eye = torch.eye(64)
-    y = _panel(t, linear_mod._PANEL.panel_pack(eye), None, "gelu", None)
-    ref = F.gelu(t.double())
-    assert (y.double() - ref).abs().max().item() < 3e-7 * 12
+    packed = linear_mod._PANEL.panel_pack(torch.eye(64))
+    y = _panel(t, packed, None, "gelu", None).double()
+    assert (y - F.gelu(t.double())).abs().max().item() < 3e-7 * 12
+    # non-finite pre-activations, through the bias (a non-finite x would spread over its whole row)
+    b = torch.linspace(-3, 3, 64)
+    b[:3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    y = _panel(torch.zeros(1, 64), packed, b, "gelu", None)[0].double()
+    ref = F.gelu(b.double())
+    assert torch.equal(y.isfinite(), ref.isfinite()) and not y[:3].isfinite().any()   # non-finite where GELU is
+    assert (y[3:] - ref[3:]).abs().max().item() < 3e-7 * 3
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -160,6 +174,8 @@ def test_fast_linear_repacks_when_the_weight_changes(dtype):
     assert not torch.equal(before, after)
     xt = torch.randn(128, 5).to(dtype).t()                              # a non-contiguous x
     assert_close(m(xt).double(), F.linear(xt.double(), m.weight.double(), m.bias.double()), dtype=dtype, scale=2)
+    assert m._packed._panel.value is not None
+    assert refresh(m) >= 1 and m._packed._panel.value is None           # refresh clears the panel form too
 
 
 def test_raw_calls_refuse_bad_input():
@@ -173,8 +189,8 @@ def test_raw_calls_refuse_bad_input():
         ((x[:, :64].contiguous(), packed, b, False, None), "`x`'s last dim must be the weight's in_features 128"),
         ((x, w, b, False, None), "`packed` must be a weight packed by"),
         ((x, packed[:, :, :32].contiguous(), b, False, None), "`packed` must be a weight packed by"),
-        ((x, packed, b[:64], False, None), r"`bias` must be a contiguous \[128\]"),
-        ((x, packed, b.double(), False, None), r"`bias` must be a contiguous \[128\]"),
+        ((x, packed, b[:64], False, None), r"`bias` must be a \[128\] CPU tensor"),
+        ((x, packed, b.double(), False, None), r"`bias` must be a \[128\] CPU tensor of x's dtype Float"),
         ((x, packed, b, False, r[:5]), "`residual` must be a contiguous CPU tensor of x's dtype Float and shape"),
         ((x, packed, b, False, r.t()), "`residual` must be a contiguous"),
         ((x, packed, b, True, r), "`gelu` and `residual` are two epilogues"),
@@ -255,3 +271,19 @@ def test_fuzz_raw_calls(data):
     y = P.panel_linear(*args)
     assert y.shape == (*args[0].shape[:-1], N) and y.dtype == dtype
     assert_close(y.reshape(M, N).double(), _expected(x, w, b, epilogue, r), dtype=dtype, scale=max(1.0, K / 256))
+
+
+@pytest.mark.skipif(not _extension.loaded or _extension._C.cpu_isa() != "avx512",
+                    reason="the rule's static part only matters where the panel GEMM can run")
+def test_rule_asked_first_with_onednn_off_is_not_kept():
+    """ATen's brgemm refuses bf16 while oneDNN is off, so the rule's probe fails then: a process whose
+    first question comes with oneDNN off must still get the panel GEMM once oneDNN is on again."""
+    code = ("import torch\n"
+            "import fasttrack._C as C\n"
+            "with torch.backends.mkldnn.flags(enabled=False):\n"
+            "    assert not C.cpu.panel_linear_serves(torch.float32, 768, 768)\n"
+            "print('served', C.cpu.panel_linear_serves(torch.float32, 768, 768))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"served {_served(torch.float32)}" in res.stdout

@@ -8,7 +8,7 @@
 // over the threads (at::parallel_for), so each thread streams its own panels of W once per chunk.
 // Measured against oneDNN's packed primitive with the same post-op (torch.ops.mkldnn._linear_pointwise,
 // the path this replaces), ViT-B linears at 320 tokens on the 2-core Zen 4 VM, interleaved medians:
-// bench/bench_linear.py --panel (docs/results.md has the table).
+// `python -m bench gemm` (docs/results.md has the numbers).
 #include <fasttrack/panel_linear.h>
 
 #include <ATen/ATen.h>
@@ -18,6 +18,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -74,7 +75,7 @@ inline __m512 load16(const at::BFloat16* p) {
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-// round to nearest even, NaN stays NaN (as c10::BFloat16)
+// round to nearest even, NaN stays NaN (as c10::BFloat16; denormal results flush to zero)
 inline void store16(at::BFloat16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 }
@@ -134,8 +135,15 @@ void run(const T* x, const T* packed, const T* bias, Epilogue epilogue, const T*
       const int64_t rows = std::min(kRowChunk, M - m0);
       const T* w = packed + p * K * kPanel;
       for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
-        at::native::cpublas::brgemm(rows, kPanel, std::min(kKChunk, K - k0), K, kPanel, kPanel, k0 > 0, x + m0 * K + k0,
-                                    w + k0 * kPanel, acc.data(), kVnni);
+        // a short chunk in power-of-two pieces: ATen keeps one JIT kernel per thread and shape,
+        // never evicted, so row counts that vary per call (pruned or merged token sets) must not
+        // each get their own
+        for (int64_t r0 = 0; r0 < rows;) {
+          const int64_t m = rows - r0 == kRowChunk ? kRowChunk : int64_t{1} << (63 - __builtin_clzll(rows - r0));
+          at::native::cpublas::brgemm(m, kPanel, std::min(kKChunk, K - k0), K, kPanel, kPanel, k0 > 0,
+                                      x + (m0 + r0) * K + k0, w + k0 * kPanel, acc.data() + r0 * kPanel, kVnni);
+          r0 += m;
+        }
       }
       const int64_t col = p * kPanel;
       epilogue_tile(acc.data(), rows, bias == nullptr ? nullptr : bias + col, epilogue,
@@ -168,6 +176,23 @@ void pack_weight(const at::Tensor& weight, T* out) {
   });
 }
 
+// The static part of the rule: AVX-512 (under ATEN_CPU_CAPABILITY), not AMX, and the bf16
+// micro-kernel running here. Decided once, while oneDNN is enabled: ATen's brgemm and could_pack
+// both answer "no" while it is off, so an answer taken then is not kept.
+bool micro_kernel_serves() {
+#if defined(FT_HAVE_AVX2_PATH)
+  static std::atomic<int> decided{-1};
+  const int known = decided.load(std::memory_order_acquire);
+  if (known >= 0) return known == 1;
+  const bool ok = cpu_isa() == CpuIsa::avx512 && !at::native::cpublas::could_pack(at::kBFloat16) && brgemm_runs_bf16();
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+  decided.store(ok ? 1 : 0, std::memory_order_release);
+  return ok;
+#else
+  return false;
+#endif
+}
+
 void check_serves(at::ScalarType dtype, int64_t in_features, int64_t out_features, const char* fn) {
   TORCH_CHECK_VALUE(serves(dtype, in_features, out_features), "fasttrack.panel_linear.", fn,
                     ": this path does not serve a ", dtype, " weight of ", out_features, " x ", in_features,
@@ -179,22 +204,14 @@ void check_serves(at::ScalarType dtype, int64_t in_features, int64_t out_feature
 
 }  // namespace
 
-bool dtype_serves(at::ScalarType dtype) {
-#if defined(FT_HAVE_AVX2_PATH)
-  // Evaluated only while oneDNN is enabled (`serves` asks that first): the probe needs it.
-  static const bool micro_kernel = cpu_isa() == CpuIsa::avx512 && brgemm_runs_bf16();
-  static const bool amx = at::native::cpublas::could_pack(at::kBFloat16);
-  if (dtype == at::kFloat) return micro_kernel;
-  if (dtype == at::kBFloat16) return micro_kernel && cpu_has_avx512_bf16() && !amx;
-#endif
-  return false;
-}
-
 bool serves(at::ScalarType dtype, int64_t in_features, int64_t out_features) {
   if (!at::globalContext().userEnabledMkldnn()) return false;
   if (in_features <= 0 || out_features <= 0 || out_features % kPanel != 0) return false;
-  if (dtype == at::kBFloat16 && in_features % 2 != 0) return false;
-  return dtype_serves(dtype);
+  if (dtype == at::kFloat) return micro_kernel_serves();
+#if defined(FT_HAVE_AVX2_PATH)
+  if (dtype == at::kBFloat16) return in_features % 2 == 0 && cpu_has_avx512_bf16() && micro_kernel_serves();
+#endif
+  return false;
 }
 
 at::Tensor pack(const at::Tensor& weight) {
@@ -233,11 +250,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   TORCH_CHECK_VALUE(x.size(-1) == K, fn, ": `x`'s last dim must be the weight's in_features ", K, ", got shape ",
                     x.sizes());
   check_serves(dtype, K, N, "linear");
+  at::Tensor bias_c;
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
     TORCH_CHECK_VALUE(b.defined() && b.device().is_cpu() && b.layout() == at::kStrided && b.dim() == 1 &&
-                          b.size(0) == N && b.is_contiguous() && b.scalar_type() == dtype,
-                      fn, ": `bias` must be a contiguous [", N, "] CPU tensor of x's dtype ", dtype);
+                          b.size(0) == N && b.scalar_type() == dtype,
+                      fn, ": `bias` must be a [", N, "] CPU tensor of x's dtype ", dtype);
+    bias_c = b.contiguous();
   }
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
   out_sizes.back() = N;
@@ -254,7 +273,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   const int64_t M = x.numel() / K;
   if (M == 0) return y;
   const at::Tensor* r = residual.has_value() ? &*residual : nullptr;
-  const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
+  const at::Tensor* b = bias_c.defined() ? &bias_c : nullptr;
   if (dtype == at::kBFloat16) {
     using T = at::BFloat16;
     run<T>(x.const_data_ptr<T>(), packed.const_data_ptr<T>(), b ? b->const_data_ptr<T>() : nullptr, epilogue,

@@ -33,7 +33,10 @@ c10::OperatorHandle mkldnn_op(const char* name, const char* overload) {
 // A weight packed by fasttrack::panel_linear::pack (a strided [N/64, K, 64] tensor) runs that GEMM;
 // one reordered by oneDNN (an opaque oneDNN tensor) runs oneDNN's primitive. The Python path
 // (fasttrack.nn.linear.packed_linear*) dispatches on the same form, so both run the same kernel.
-bool is_panel(const LinearArgs& l) { return l.packed_weight.layout() == at::kStrided; }
+bool is_panel(const LinearArgs& l) {
+  const at::Tensor& w = l.packed_weight;
+  return w.layout() == at::kStrided && w.dim() == 3 && w.size(2) == panel_linear::kPanel;
+}
 
 at::Tensor panel(const at::Tensor& x, const LinearArgs& l, panel_linear::Epilogue epilogue,
                  const std::optional<at::Tensor>& residual) {

@@ -1,4 +1,4 @@
-"""`Derived`: the one cache type for values derived from weights — a pre-packed oneDNN weight
+"""`Derived`: the one cache type for values derived from weights — a pre-packed GEMM weight
 (`FastLinear`, `PrunedLinear`), concatenated or layer-scale-folded weights (`FusedUTPTrackSBlock`),
 BatchNorm-folded convolutions (`FusedCenterPredictor`).
 

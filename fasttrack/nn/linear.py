@@ -67,14 +67,28 @@ def _panel_module():
 _PANEL = _panel_module()
 
 
+# The C++ rule's answer per (dtype, in_features, out_features), taken while oneDNN is enabled: every
+# FastLinear call asks, and the pybind call with its dtype conversion costs more than this lookup.
+_PANEL_RULE: dict = {}
+_mkldnn_enabled = torch._C._get_mkldnn_enabled
+
+
 def panel_serves(weight: torch.Tensor) -> bool:
     """Whether ``weight`` ([out_features, in_features]) is packed for fasttrack's panel GEMM
     (`fasttrack._C.cpu.panel_linear`) rather than for oneDNN's primitive. The rule is the C++ one
     (csrc/include/fasttrack/panel_linear.h): float32 / bfloat16, out_features a multiple of 64 (an
     even in_features for bfloat16), an AVX-512 CPU without AMX (AVX512_BF16 for bfloat16) under
-    ATEN_CPU_CAPABILITY, oneDNN's brgemm micro-kernel present and oneDNN enabled."""
-    return (_PANEL is not None and weight.dim() == 2
-            and _PANEL.panel_linear_serves(weight.dtype, weight.shape[1], weight.shape[0]))
+    ATEN_CPU_CAPABILITY, oneDNN's brgemm micro-kernel present and oneDNN enabled
+    (``torch.backends.mkldnn.flags(enabled=...)``, read per call)."""
+    if _PANEL is None or weight.dim() != 2 or not _mkldnn_enabled():
+        return False
+    key = (weight.dtype, weight.shape[1], weight.shape[0])
+    served = _PANEL_RULE.get(key)
+    if served is None:
+        served = _PANEL.panel_linear_serves(*key)
+        if _mkldnn_enabled():   # not switched off meanwhile: the answer is the CPU's
+            _PANEL_RULE[key] = served
+    return served
 
 
 class PackedWeight(Derived):
@@ -102,7 +116,7 @@ class PackedWeight(Derived):
 
 # The packed GEMMs dispatch on the weight's packed form: an opaque oneDNN tensor runs oneDNN's
 # primitive (torch.ops.mkldnn._linear_pointwise), a strided [N/64, K, 64] one fasttrack's panel
-# GEMM. Measured on the Zen 4 VM (bench/bench_linear.py --panel, ViT-B linears at 320 tokens,
+# GEMM. Measured on the Zen 4 VM (`python -m bench gemm`, ViT-B linears at 320 tokens,
 # interleaved medians): the panel GEMM with its epilogue takes 0.94-0.97x oneDNN's time with the
 # same post-op on 1 thread, 0.91-0.98x on 2, bf16 and fp32 alike.
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -149,7 +163,8 @@ class FastLinear(nn.Linear):
         return m
 
     def uses_packed(self, x: torch.Tensor) -> bool:
-        """Whether `forward(x)` takes the packed oneDNN path in the current grad/compile context."""
+        """Whether `forward(x)` takes the packed path (panel GEMM or oneDNN) in the current grad/compile
+        context."""
         return _takes_packed(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,11 @@ stores ``W[:, kept]`` (``[d_out, d*]``) and the kept indices as an int64 buffer 
 `PrunedLinear` divides the work with the op `fasttrack.pruned_linear` as follows: the op (C++ on
 CPU, Triton on CUDA) is the whole product and is what runs with autograd, on CUDA, for fp16/fp64
 and on the non-native backends; for CPU fp32/bf16 inference the module runs the op's gather phase
-(`_pruned_linear_gather`: one pass over x, fused LayerNorm) and then oneDNN with its own cached
-pre-packed weight (`fasttrack.nn.linear.PackedWeight`), which an op cannot keep across calls. On
-that path `PrunedBlock` also runs fc1's exact GELU and the residual adds after proj / fc2 as oneDNN
-post-ops of those GEMMs (`PrunedLinear.forward_gelu` / `forward_add`), as `FusedBlock` does.
+(`_pruned_linear_gather`: one pass over x, fused LayerNorm) and then the packed GEMM (the panel GEMM
+or oneDNN's, `fasttrack.nn.linear`) with its own cached pre-packed weight
+(`fasttrack.nn.linear.PackedWeight`), which an op cannot keep across calls. On that path
+`PrunedBlock` also runs fc1's exact GELU and the residual adds after proj / fc2 as epilogues of those
+GEMMs (`PrunedLinear.forward_gelu` / `forward_add`), as `FusedBlock` does.
 """
 from __future__ import annotations
 
@@ -121,9 +122,9 @@ class PrunedLinear(nn.Module):
         return norm.weight, norm.bias, norm.eps
 
     def uses_packed(self, x: torch.Tensor) -> bool:
-        """Whether `forward(x)` takes the gather + pre-packed oneDNN path (see the module doc)."""
+        """Whether `forward(x)` takes the gather + pre-packed GEMM path (see the module doc)."""
         # a weight that no longer matches in_index (reassigned by hand) takes the op path, whose
-        # check names the mismatch; the packed GEMM would fail with oneDNN's message instead
+        # check names the mismatch; the packed GEMM would fail with its own message instead
         return (_extension.loaded and current_backend() in ("auto", "native") and packable(x, self.weight, self.bias)
                 and self.weight.shape[-1] == self.in_index.shape[0])
 
@@ -145,7 +146,7 @@ class PrunedLinear(nn.Module):
         return pruned_linear(x, self.weight, self.bias, self.in_index, ln)
 
     def forward_gelu(self, x: torch.Tensor, act: nn.Module, norm: nn.LayerNorm | None = None) -> torch.Tensor:
-        """``act(self(x, norm))``; on the packed path an exact GELU runs as the GEMM's oneDNN post-op,
+        """``act(self(x, norm))``; on the packed path an exact GELU runs as the GEMM's epilogue,
         so the ``[M, out_features]`` activation is written once (`packed_linear_gelu`)."""
         if is_exact_gelu(act):
             h = self._gathered(x, self._norm_args(norm))
@@ -155,7 +156,7 @@ class PrunedLinear(nn.Module):
         return act(self(x, norm))
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
-        """``residual + self(x, norm)``; on the packed path the add is the GEMM's oneDNN sum post-op
+        """``residual + self(x, norm)``; on the packed path the add is the GEMM's epilogue
         (not differentiable: a residual that needs a gradient takes the plain sum)."""
         if (residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], self.out_features)
                 and residual.is_contiguous() and not (_grad_enabled() and residual.requires_grad)):

@@ -14,11 +14,13 @@
 // - float32 or bfloat16, N a multiple of 64, and for bfloat16 an even K;
 // - the CPU kernels' ISA is AVX-512 (fasttrack/cpu_isa.h: ATEN_CPU_CAPABILITY caps it), and for
 //   bfloat16 AVX512_BF16 (the epilogue rounds with vcvtneps2bf16);
-// - oneDNN's brgemm micro-kernel runs bfloat16 here (probed once: it is compiled into x86 builds of
-//   torch and needs AVX-512 under ONEDNN_MAX_CPU_ISA) and oneDNN is enabled
-//   (torch.backends.mkldnn.enabled, read per call);
+// - oneDNN's brgemm micro-kernel runs bfloat16 here (probed once, while oneDNN is enabled: it is
+//   compiled into x86 builds of torch and needs AVX-512 under ONEDNN_MAX_CPU_ISA; fp32 is served only
+//   where bf16's probe passes) and oneDNN is enabled (torch.backends.mkldnn.enabled, read per call);
 // - not an AMX CPU: there the micro-kernel wants oneDNN's own packing of W; oneDNN's packed
 //   primitive (torch.ops.mkldnn._linear_pointwise) serves those CPUs instead.
+// fp32 is computed in fp32 whatever torch.backends.mkldnn's fp32 matmul precision says (oneDNN's
+// primitive may take TF32 / bf16 there when asked to).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -33,16 +35,13 @@ constexpr int64_t kPanel = 64;  // output columns per panel
 
 enum class Epilogue { none, gelu, add };
 
-// The static part of the rule (dtype, ISA, probe, AMX): read once per dtype.
-bool dtype_serves(at::ScalarType dtype);
-
 // The whole rule for a weight of out_features x in_features.
 bool serves(at::ScalarType dtype, int64_t in_features, int64_t out_features);
 
 // W [N, K] (any strides) -> the packed layout above. Raises where `serves` does not hold.
 at::Tensor pack(const at::Tensor& weight);
 
-// x [..., K] (contiguous) @ W + bias [N] -> [..., N] in x's dtype; Epilogue::add adds `residual`
+// x [..., K] (contiguous) @ W + bias [N] (any strides) -> [..., N] in x's dtype; Epilogue::add adds `residual`
 // ([..., N], contiguous, x's dtype) in fp32 before the one rounding. Raises with the argument's name
 // on any other input.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
