@@ -1,5 +1,6 @@
-"""FastLinear (oneDNN, pre-packed weight) vs nn.Linear eager (`reference`) and torch.compile of it,
-at the ViT-B linears of OSTrack-256 (M = 64 + 256 = 320 tokens per image), B = 1 and 32."""
+"""FastLinear (pre-packed weight: the panel GEMM or oneDNN, `fasttrack.nn.linear`) vs nn.Linear eager
+(`reference`) and torch.compile of it, at the ViT-B linears of OSTrack-256 (M = 64 + 256 = 320 tokens
+per image), B = 1 and 32."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from bench.harness import bench_device, bench_op
 from fasttrack.nn.linear import FastLinear
 
-# FastLinear's packed path is a CPU (oneDNN) feature: on another device it is nn.Linear
+# FastLinear's packed path is a CPU feature: on another device it is nn.Linear
 pytestmark = pytest.mark.skipif(bench_device().type != "cpu", reason="FastLinear packs weights for CPUs only")
 
 # (d_in, d_out): qkv, proj, fc1, fc2
