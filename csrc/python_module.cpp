@@ -112,7 +112,6 @@ void def_panel_linear(py::module_& m) {
       [](const Tensor& x, const Tensor& packed, const OptTensor& bias, bool gelu, const OptTensor& residual) {
         TORCH_CHECK_VALUE(!(gelu && residual.has_value()),
                           "fasttrack.panel_linear: `gelu` and `residual` are two epilogues; give at most one");
-        RECORD_FUNCTION("fasttrack::panel_linear", std::vector<c10::IValue>());
         const auto epilogue = residual.has_value() ? pl::Epilogue::add : gelu ? pl::Epilogue::gelu : pl::Epilogue::none;
         return pl::linear(x, packed, bias, epilogue, residual);
       },

@@ -75,6 +75,13 @@ if not loaded:
     )
 
 
+def cpu_functions(*names: str):
+    """`fasttrack._C.cpu` when the extension is loaded and has every function in ``names`` (an older
+    build may lack one), else None: the direct C++ entry points of the fused modules' CPU paths."""
+    cpu = getattr(_C, "cpu", None) if loaded else None
+    return cpu if cpu is not None and all(hasattr(cpu, n) for n in names) else None
+
+
 def cuda_built() -> bool:
     """True when `_C` was compiled with its CUDA kernels."""
     return loaded and bool(torch.ops.fasttrack._cuda_built())

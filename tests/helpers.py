@@ -101,14 +101,20 @@ def assert_refused(name: str, wrapper, cases) -> None:
                     fn(*args)
 
 
-def run_capped(code: str, capability: str = "avx2", timeout: int = 300):
-    """Run ``code`` in a fresh interpreter with ``ATEN_CPU_CAPABILITY=capability`` (the kernels
-    follow ATen's cap, read at load); asserts it exits 0 and prints ``ok``."""
+def run_isolated(code: str, env: dict | None = None, timeout: int = 300):
+    """Run ``code`` in a fresh interpreter (state read once per process: ISA caps, first calls) with
+    ``env`` added to the environment; asserts it exits 0 and prints ``ok``."""
     import os
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, ATEN_CPU_CAPABILITY=capability),
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, **(env or {})),
                        capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def run_capped(code: str, capability: str = "avx2", timeout: int = 300):
+    """`run_isolated` with ``ATEN_CPU_CAPABILITY=capability`` (the kernels follow ATen's cap, read at
+    load)."""
+    run_isolated(code, {"ATEN_CPU_CAPABILITY": capability}, timeout)

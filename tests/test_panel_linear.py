@@ -11,8 +11,6 @@ Not reachable here: AMX CPUs and AVX-512 CPUs without AVX512_BF16 (the rule's AM
 are only read, through `panel_linear_serves`, on the CPU the suite runs on).
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ from fasttrack import _extension
 from fasttrack.nn import linear as linear_mod
 from fasttrack.nn.derived import refresh
 from fasttrack.nn.linear import FastLinear, PackedWeight, panel_serves
+from tests import helpers
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(linear_mod._PANEL is None, reason="needs the native extension fasttrack._C")
@@ -223,10 +222,7 @@ def test_isa_caps_turn_the_panel_gemm_off(env):
             "assert m._packed.get(m.weight).is_mkldnn\n"
             "torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight, m.bias), atol=1e-4, rtol=1e-4)\n"
             "print('ok')\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, **env), capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    helpers.run_isolated(code, env)
 
 
 @settings(max_examples=int(os.environ.get("FASTTRACK_PANEL_FUZZ", "40")), deadline=None, derandomize=True,
@@ -282,8 +278,6 @@ def test_rule_asked_first_with_onednn_off_is_not_kept():
             "import fasttrack._C as C\n"
             "with torch.backends.mkldnn.flags(enabled=False):\n"
             "    assert not C.cpu.panel_linear_serves(torch.float32, 768, 768)\n"
-            "print('served', C.cpu.panel_linear_serves(torch.float32, 768, 768))\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert f"served {_served(torch.float32)}" in res.stdout
+            f"assert C.cpu.panel_linear_serves(torch.float32, 768, 768) is {_served(torch.float32)}\n"
+            "print('ok')\n")
+    helpers.run_isolated(code)

@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include <fasttrack/cpu_isa.h>
+#include <fasttrack/cpu_simd.h>
 #include <fasttrack/layer_norm.h>
 #include <fasttrack/output_cache.h>
 
@@ -50,15 +51,13 @@ at::Tensor composite(const at::Tensor& x, const std::optional<at::Tensor>& weigh
 // Everything below until FT_AVX512_BF16_END is AVX-512 (+BF16) code, called only after the
 // run-time check (fast_path_serves).
 FT_AVX512_BF16_BEGIN
+// GCC 12 reports the _mm*_undefined_* merge sources inside the intrinsics (here the reductions')
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-inline void store16(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store16(uint16_t* p, __mmask16 m, __m512 v) {
-  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
-}
+using simd::load16;
+using simd::store16;
 
 // One row of C elements; g / b: float32 weight and bias (nullptr: 1 / 0). The two reductions run
 // four independent accumulator chains (add / FMA latency, not throughput, bounds them at C = 768).
@@ -112,6 +111,7 @@ void rows(const T* x, const float* g, const float* b, float eps, int64_t R, int6
   });
 }
 
+#pragma GCC diagnostic pop
 FT_AVX512_BF16_END
 #endif  // FT_HAVE_AVX2_PATH
 

@@ -40,7 +40,6 @@ bool is_panel(const LinearArgs& l) {
 
 at::Tensor panel(const at::Tensor& x, const LinearArgs& l, panel_linear::Epilogue epilogue,
                  const std::optional<at::Tensor>& residual) {
-  RECORD_FUNCTION("fasttrack::panel_linear", std::vector<c10::IValue>());
   return panel_linear::linear(x, l.packed_weight, l.bias, epilogue, residual);
 }
 

@@ -59,12 +59,7 @@ def packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return True
 
 
-def _panel_module():
-    cpu = getattr(_extension._C, "cpu", None) if _extension.loaded else None
-    return cpu if cpu is not None and hasattr(cpu, "panel_linear") else None
-
-
-_PANEL = _panel_module()
+_PANEL = _extension.cpu_functions("panel_linear", "panel_pack", "panel_linear_serves")
 
 
 # The C++ rule's answer per (dtype, in_features, out_features), taken while oneDNN is enabled: every

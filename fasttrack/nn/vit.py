@@ -507,12 +507,7 @@ class FusedAttention(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The fused block's native inference path: one C++ call per half-block
 # --------------------------------------------------------------------------------------------
-def _native_module():
-    cpu = getattr(_extension._C, "cpu", None) if _extension.loaded else None
-    return cpu if cpu is not None and hasattr(cpu, "vit_block") else None
-
-
-_NATIVE = _native_module()
+_NATIVE = _extension.cpu_functions("vit_block", "vit_attn_residual", "vit_mlp_residual")
 
 
 def _layer_norm_args(norm: nn.Module, C: int):

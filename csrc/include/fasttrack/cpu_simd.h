@@ -120,6 +120,22 @@ __attribute__((target("avx512f,avx512bw"))) inline void transpose_lanes(__m512i*
 #endif
 
 #if defined(FT_HAVE_AVX2_PATH)
+// 16 lanes of fp32 or bf16 (as uint16_t) <-> 16 fp32 lanes, masked. bf16 -> fp32 is exact; fp32 ->
+// bf16 rounds to nearest even, NaN stays NaN (as c10::BFloat16; denormal results flush to zero).
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+__attribute__((target("avx512f"))) inline void store16(float* p, __mmask16 m, __m512 v) {
+  _mm512_mask_storeu_ps(p, m, v);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void store16(uint16_t* p, __mmask16 m,
+                                                                                    __m512 v) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
 // exp(x): x = n·ln2 + f, |f| <= ln2/2, 2^n · Taylor(f). Degree 7: relative error < 1e-8 before
 // rounding; degree 5: < 3e-6. Denormal results as expf (scalef), 0 below -150 (-inf included: the
 // clamp keeps f finite); NaN stays NaN.
