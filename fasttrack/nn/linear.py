@@ -5,8 +5,8 @@ weight out for the GEMM on every call; oneDNN with the weight reordered once int
 format (`mkldnn._reorder_linear_weight`) and `mkldnn._linear_pointwise` is ~2x faster for the ViT-B
 linears at 320 tokens (fp32; ~1.4x for bf16), see ``bench/bench_linear.py``. Where `panel_serves`
 (AVX-512 CPUs, out_features a multiple of 64) the weight is packed for fasttrack's own panel GEMM
-over oneDNN's brgemm micro-kernel instead (csrc/include/fasttrack/panel_linear.h), 3-9% faster
-again: it skips oneDNN's per-call primitive setup.
+over oneDNN's brgemm micro-kernel instead (csrc/include/fasttrack/panel_linear.h), 1-9% faster
+again (1-4% on one Zen 4 core at B=1, more on 2 threads): it skips oneDNN's per-call primitive setup.
 
 Dispatch rule (`FastLinear.uses_packed` states it; tests check it). The packed path runs when all of:
 - oneDNN is available, the input is on CPU, and x / weight (/ bias) are all float32 or all bfloat16
@@ -112,7 +112,7 @@ class PackedWeight(Derived):
 # The packed GEMMs dispatch on the weight's packed form: an opaque oneDNN tensor runs oneDNN's
 # primitive (torch.ops.mkldnn._linear_pointwise), a strided [N/64, K, 64] one fasttrack's panel
 # GEMM. Measured on the Zen 4 VM (`python -m bench gemm`, ViT-B linears at 320 tokens,
-# interleaved medians): the panel GEMM with its epilogue takes 0.94-0.97x oneDNN's time with the
+# interleaved medians): the panel GEMM with its epilogue takes 0.96-0.99x oneDNN's time with the
 # same post-op on 1 thread, 0.91-0.98x on 2, bf16 and fp32 alike.
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + bias`` with the weight packed by `PackedWeight` (or oneDNN's reorder)."""
